@@ -1,0 +1,165 @@
+//! `kmesh-testpod`: the workload of the test harness. It first moves itself
+//! into a pod (`--netns`, `--cgroup`), then acts as a server or a client.
+//!
+//! - `serve NAME ADDR...`: accepts on every ADDR; each connection gets
+//!   `NAME\n`, then everything it sends is echoed back.
+//! - `connect ADDR COUNT`: COUNT sequential connections to ADDR; prints
+//!   one JSON line `{"backends":{name:count},"errors":n,"peer_mismatch":n,"error_kinds":{..}}`.
+//!   `peer_mismatch` counts connections whose getpeername() was not ADDR.
+//! - `hold ADDR COUNT`: opens COUNT connections, prints their backends as a
+//!   JSON line, then for every line `check` on stdin sends a probe on each
+//!   connection and prints how many echoed it back; ends on EOF.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    while args.first().is_some_and(|a| a.starts_with("--")) {
+        let flag = args.remove(0);
+        let value = args.remove(0);
+        match flag.as_str() {
+            "--netns" => enter_netns(&value),
+            "--cgroup" => std::fs::write(format!("{value}/cgroup.procs"), std::process::id().to_string())
+                .unwrap_or_else(|e| die(&format!("joining cgroup {value}: {e}"))),
+            _ => die(&format!("unknown flag {flag}")),
+        }
+    }
+    match args.first().map(String::as_str) {
+        Some("serve") if args.len() >= 3 => serve(&args[1], &args[2..]),
+        Some("connect") if args.len() == 3 => connect(parse_addr(&args[1]), parse_count(&args[2])),
+        Some("hold") if args.len() == 3 => hold(parse_addr(&args[1]), parse_count(&args[2])),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | hold ADDR N"),
+    }
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("kmesh-testpod: {msg}");
+    std::process::exit(2)
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| die(&format!("bad address {s}: {e}")))
+}
+
+fn parse_count(s: &str) -> usize {
+    s.parse().unwrap_or_else(|e| die(&format!("bad count {s}: {e}")))
+}
+
+fn enter_netns(path: &str) {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| die(&format!("open {path}: {e}")));
+    // SAFETY: `f` is an open namespace fd; the process is still single-threaded.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        die(&format!("setns {path}: {}", std::io::Error::last_os_error()));
+    }
+}
+
+fn serve(name: &str, addrs: &[String]) {
+    let mut threads = Vec::new();
+    for a in addrs {
+        let addr = parse_addr(a);
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
+        let name = name.to_string();
+        threads.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || echo(s, &name));
+            }
+        }));
+    }
+    // Tell the harness the listeners are bound.
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn echo(mut s: TcpStream, name: &str) {
+    if s.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Connects and reads the backend's name.
+fn dial(addr: SocketAddr) -> std::io::Result<(String, bool, BufReader<TcpStream>)> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let peer_ok = s.peer_addr()? == addr;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before name"));
+    }
+    Ok((line.trim().to_string(), peer_ok, r))
+}
+
+fn connect(addr: SocketAddr, count: usize) {
+    let mut backends: BTreeMap<String, usize> = BTreeMap::new();
+    let mut error_kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut errors, mut peer_mismatch) = (0, 0);
+    for _ in 0..count {
+        match dial(addr) {
+            Ok((name, peer_ok, _)) => {
+                *backends.entry(name).or_default() += 1;
+                if !peer_ok {
+                    peer_mismatch += 1;
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                *error_kinds.entry(format!("{:?}", e.kind())).or_default() += 1;
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"backends": backends, "errors": errors, "peer_mismatch": peer_mismatch, "error_kinds": error_kinds})
+    );
+}
+
+fn hold(addr: SocketAddr, count: usize) {
+    let mut conns = Vec::new();
+    let mut backends: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..count {
+        let (name, _, r) = dial(addr).unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
+        *backends.entry(name).or_default() += 1;
+        conns.push(r);
+    }
+    println!("{}", serde_json::json!({ "backends": backends }));
+    let _ = std::io::stdout().flush();
+    for line in std::io::stdin().lock().lines() {
+        if line.map(|l| l.trim() != "check").unwrap_or(true) {
+            continue;
+        }
+        let mut ok = 0;
+        for (i, r) in conns.iter_mut().enumerate() {
+            let probe = format!("probe-{i}\n");
+            let mut back = String::new();
+            if r.get_mut().write_all(probe.as_bytes()).is_ok()
+                && r.read_line(&mut back).is_ok()
+                && back == probe
+            {
+                ok += 1;
+            }
+        }
+        println!("{}", serde_json::json!({ "echoed": ok, "of": conns.len() }));
+        let _ = std::io::stdout().flush();
+    }
+}

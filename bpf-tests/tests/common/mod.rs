@@ -1,0 +1,126 @@
+//! Shared setup of the kernel tests: a node with a client pod and server
+//! pods, a loaded dataplane attached to the node cgroup, and config
+//! documents in the Envoy bootstrap format users write.
+#![allow(dead_code)]
+
+use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
+
+use bpf_tests::{Node, Pod};
+use kmesh_daemon::dataplane::{Dataplane, DataplaneOptions};
+
+pub const TESTPOD: &str = env!("CARGO_BIN_EXE_kmesh-testpod");
+
+/// Field order matters: the dataplane is dropped (detached) before the
+/// node's cgroups and namespaces are removed.
+pub struct Mesh {
+    pub dp: Dataplane,
+    pub node: Node,
+    pub client: Pod,
+    pub servers: Vec<Pod>,
+}
+
+/// A cluster in a generated bootstrap: name, LB policy, (endpoint, weight).
+pub struct ClusterSpec<'a> {
+    pub name: &'a str,
+    pub lb: &'a str,
+    pub endpoints: Vec<(SocketAddr, u32)>,
+}
+
+/// A listener: name, VIP, and either one cluster or weighted clusters.
+pub struct ListenerSpec<'a> {
+    pub name: &'a str,
+    pub vip: SocketAddr,
+    pub clusters: Vec<(&'a str, u32)>,
+}
+
+/// An Envoy v3 bootstrap with these listeners and clusters.
+pub fn bootstrap(listeners: &[ListenerSpec], clusters: &[ClusterSpec]) -> String {
+    let mut y = String::from("static_resources:\n  listeners:\n");
+    for l in listeners {
+        writeln!(y, "  - name: {}", l.name).unwrap();
+        writeln!(
+            y,
+            "    address: {{ socket_address: {{ address: \"{}\", port_value: {} }} }}",
+            l.vip.ip(),
+            l.vip.port()
+        )
+        .unwrap();
+        y.push_str("    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n");
+        writeln!(y, "          stat_prefix: {}", l.name).unwrap();
+        if l.clusters.len() == 1 {
+            writeln!(y, "          cluster: {}", l.clusters[0].0).unwrap();
+        } else {
+            y.push_str("          weighted_clusters:\n            clusters:\n");
+            for (c, w) in &l.clusters {
+                writeln!(y, "            - {{ name: {c}, weight: {w} }}").unwrap();
+            }
+        }
+    }
+    y.push_str("  clusters:\n");
+    for c in clusters {
+        writeln!(y, "  - name: {}\n    connect_timeout: 1s\n    type: STATIC\n    lb_policy: {}", c.name, c.lb).unwrap();
+        writeln!(y, "    load_assignment:\n      cluster_name: {}\n      endpoints:\n      - lb_endpoints:", c.name).unwrap();
+        for (a, w) in &c.endpoints {
+            writeln!(
+                y,
+                "        - endpoint: {{ address: {{ socket_address: {{ address: \"{}\", port_value: {} }} }} }}\n          load_balancing_weight: {w}",
+                a.ip(),
+                a.port()
+            )
+            .unwrap();
+        }
+    }
+    y
+}
+
+/// Compiles a bootstrap document, panicking with the adapter's errors.
+pub fn compile(yaml: &str) -> xds_adapter::FlatConfig {
+    xds_adapter::compile_static_config(yaml).unwrap_or_else(|e| panic!("config rejected:\n{e}\n{yaml}"))
+}
+
+/// A node with one client pod (enrolled) and `n` server pods, each running
+/// a server named after the pod on port 8080 (v4 and v6), and a catcher
+/// named `node` answering on `catch` addresses in the node namespace.
+pub fn mesh(n: usize, catch: &[SocketAddr]) -> Mesh {
+    bpf_tests::require_root();
+    let mut node = Node::new("kmt", std::path::Path::new(TESTPOD)).expect("node");
+    let client = node.add_pod("client").expect("client pod");
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let pod = node.add_pod(&format!("srv{i}")).expect("server pod");
+        node.serve(&pod, &pod.name.clone(), &[pod.addr4(8080), pod.addr6(8080)])
+            .expect("server");
+        servers.push(pod);
+    }
+    if !catch.is_empty() {
+        node.serve_on_node("node", catch).expect("catcher");
+    }
+    let mut dp = Dataplane::load(&DataplaneOptions::default()).expect("load dataplane");
+    let cookie = kmesh_daemon::netns::cookie_of(&client.netns_path).expect("netns cookie");
+    dp.enroll(cookie).expect("enroll");
+    dp.attach(&node.cgroup).expect("attach");
+    Mesh {
+        dp,
+        node,
+        client,
+        servers,
+    }
+}
+
+/// Number of CPUs: round robin is per CPU, so counts may differ by this much.
+pub fn ncpu() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Path of a workspace binary built next to the test executable.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build -p kmesh-daemon` first (cargo xtask test does)",
+        p.display()
+    );
+    p
+}

@@ -1,0 +1,189 @@
+//! The kernel/userspace ABI of kmesh-rs: every key and value that crosses a
+//! BPF map, as `#[repr(C)]` types used verbatim by the eBPF programs
+//! (`kmesh-ebpf`, `no_std`) and by the daemon.
+//!
+//! Invariants every type here keeps:
+//! - no implicit padding: every byte is a named field, so a key hashes the
+//!   same in the kernel and in userspace (padding bytes would be garbage);
+//! - addresses and ports are stored exactly as the kernel hands them to a
+//!   `cgroup/connect*` program: raw network byte order in native integers
+//!   (`bpf_sock_addr.user_ip4`, `user_ip6[4]`, `user_port`), so the hot path
+//!   copies without swapping;
+//! - an IPv4 address is stored IPv4-mapped (`::ffff:a.b.c.d`) with
+//!   `family = FAMILY_V4`, so a dual-stack socket dialling `::ffff:VIP`
+//!   finds the same service as a plain IPv4 socket.
+//!
+//! Changing a layout is an ABI break: bump [`ABI_VERSION`].
+#![no_std]
+#![deny(unsafe_code)]
+
+/// Bumped on every layout change of a type in this crate.
+pub const ABI_VERSION: u32 = 1;
+
+/// Capacity of the enrolled-network-namespace map.
+pub const MAX_ENROLLED_NETNS: u32 = 16_384;
+/// Capacity of the service map (one entry per listener VIP:port).
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the slot map, summed over all services.
+pub const MAX_SLOTS: u32 = 262_144;
+/// Upper bound of slots one service may use (weights are scaled to fit).
+pub const MAX_SLOTS_PER_SERVICE: u32 = 4_096;
+/// Capacity of the socket-cookie → original-destination map (LRU).
+pub const MAX_ORIG_DST: u32 = 65_536;
+
+/// `SockAddr::family` for IPv4 (stored IPv4-mapped).
+pub const FAMILY_V4: u8 = 4;
+/// `SockAddr::family` for IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+/// `ServiceValue::lb_policy`: per-CPU round robin over the slots.
+pub const LB_ROUND_ROBIN: u32 = 0;
+/// `ServiceValue::lb_policy`: uniform random slot.
+pub const LB_RANDOM: u32 = 1;
+
+/// An IP socket address in kernel byte order. Used as the service key
+/// (the VIP:port a listener captures), as a backend (slot value) and as the
+/// original destination remembered for `getpeername`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockAddr {
+    /// IPv6 address or IPv4-mapped IPv4 address, network byte order per word.
+    pub addr: [u32; 4],
+    /// Port, network byte order (as the low 16 bits of `user_port`).
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+impl SockAddr {
+    /// The word that marks an IPv4-mapped IPv6 address (`::ffff:0:0/96`),
+    /// as it sits in `addr[2]`.
+    pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    /// Builds an IPv4 address from the raw `user_ip4` word and raw port.
+    #[inline(always)]
+    pub const fn from_raw_v4(ip4: u32, port: u16) -> Self {
+        SockAddr {
+            addr: [0, 0, Self::V4_MAPPED_WORD, ip4],
+            port,
+            family: FAMILY_V4,
+            pad: 0,
+        }
+    }
+
+    /// Builds an address from the raw `user_ip6` words; an IPv4-mapped
+    /// address becomes a [`FAMILY_V4`] address.
+    #[inline(always)]
+    pub const fn from_raw_v6(ip6: [u32; 4], port: u16) -> Self {
+        let family = if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == Self::V4_MAPPED_WORD {
+            FAMILY_V4
+        } else {
+            FAMILY_V6
+        };
+        SockAddr {
+            addr: ip6,
+            port,
+            family,
+            pad: 0,
+        }
+    }
+}
+
+/// Value of the service map: where a VIP's slots live and how to pick one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Key prefix of this service's slots in the slot map. A changed
+    /// service gets a fresh id whose slots are written before this entry is
+    /// switched to it (make-before-break).
+    pub service_id: u32,
+    /// Number of valid slots `0..slot_count`; zero makes connects fail fast.
+    pub slot_count: u32,
+    /// `LB_*`.
+    pub lb_policy: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// Key of the slot map. A service's endpoints are expanded into slots in
+/// proportion to their weights, so every LB pick is one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Indexes of the per-CPU counters in the `KM_STATS` map.
+pub mod stats {
+    /// connect() calls seen by the connect programs (TCP only).
+    pub const CONNECT_SEEN: u32 = 0;
+    /// ... of which came from an enrolled network namespace.
+    pub const CONNECT_ENROLLED: u32 = 1;
+    /// ... of which dialled a known service and were rewritten.
+    pub const CONNECT_REDIRECTED: u32 = 2;
+    /// ... of which dialled a service with no endpoint and were refused.
+    pub const CONNECT_NO_ENDPOINT: u32 = 3;
+    /// ... of which picked a backend of the other address family and were refused.
+    pub const CONNECT_FAMILY_MISMATCH: u32 = 4;
+    /// getpeername() answers rewritten back to the service address.
+    pub const PEERNAME_RESTORED: u32 = 5;
+    /// Number of counters.
+    pub const COUNT: u32 = 6;
+}
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod {
+    // SAFETY: all three are `#[repr(C)]`, `Copy`, made only of integers and
+    // have no padding (checked by the layout tests), so every bit pattern is
+    // a valid value.
+    unsafe impl aya::Pod for super::SockAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn sock_addr_layout() {
+        assert_eq!(size_of::<SockAddr>(), 20);
+        assert_eq!(align_of::<SockAddr>(), 4);
+        assert_eq!(offset_of!(SockAddr, addr), 0);
+        assert_eq!(offset_of!(SockAddr, port), 16);
+        assert_eq!(offset_of!(SockAddr, family), 18);
+        assert_eq!(offset_of!(SockAddr, pad), 19);
+    }
+
+    #[test]
+    fn service_value_layout() {
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(offset_of!(ServiceValue, service_id), 0);
+        assert_eq!(offset_of!(ServiceValue, slot_count), 4);
+        assert_eq!(offset_of!(ServiceValue, lb_policy), 8);
+        assert_eq!(offset_of!(ServiceValue, flags), 12);
+    }
+
+    #[test]
+    fn slot_key_layout() {
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(offset_of!(SlotKey, slot), 4);
+    }
+
+    #[test]
+    fn v4_mapped_v6_is_the_v4_key() {
+        let ip4 = u32::from_ne_bytes([10, 96, 0, 1]);
+        let port = 80u16.to_be();
+        let from6 = SockAddr::from_raw_v6([0, 0, SockAddr::V4_MAPPED_WORD, ip4], port);
+        assert_eq!(from6, SockAddr::from_raw_v4(ip4, port));
+        let v6 = SockAddr::from_raw_v6([u32::from_ne_bytes([0xfd, 0, 0, 0]), 0, 0, 1], port);
+        assert_eq!(v6.family, FAMILY_V6);
+    }
+}

@@ -1,0 +1,88 @@
+//! Admin HTTP API, Kmesh-compatible paths, bound to loopback by default.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/version` | daemon and ABI version |
+//! | `/debug/ready` | 200 once config is written and programs attached, else 503 |
+//! | `/debug/config_dump/kernel-native` | the config the daemon holds |
+//! | `/debug/config_dump/bpf/kernel-native` | the same read back from the kernel maps |
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use xds_adapter::FlatConfig;
+
+use crate::dataplane::Dataplane;
+
+/// What the admin API reads. The daemon's main task writes it.
+pub struct AdminState {
+    pub ready: AtomicBool,
+    pub dataplane: Mutex<Option<Dataplane>>,
+    pub config: Mutex<Option<FlatConfig>>,
+}
+
+impl AdminState {
+    pub fn new() -> Arc<Self> {
+        Arc::new(AdminState {
+            ready: AtomicBool::new(false),
+            dataplane: Mutex::new(None),
+            config: Mutex::new(None),
+        })
+    }
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/debug/ready", get(ready))
+        .route("/debug/config_dump/kernel-native", get(config_dump))
+        .route("/debug/config_dump/bpf/kernel-native", get(bpf_dump))
+        .with_state(state)
+}
+
+/// Binds `addr` and serves until the process ends.
+pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("admin API cannot bind {addr}: {e} (hint: another kmesh-daemon running? pass --admin-addr)"),
+        )
+    })?;
+    tracing::info!(%addr, "admin API listening");
+    axum::serve(listener, router(state)).await
+}
+
+async fn version() -> impl IntoResponse {
+    Json(serde_json::json!({
+        "version": crate::VERSION,
+        "abi_version": kmesh_abi::ABI_VERSION,
+    }))
+}
+
+async fn ready(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    let cfg = s.config.lock().unwrap_or_else(|p| p.into_inner());
+    Json(serde_json::to_value(&*cfg).unwrap_or_default())
+}
+
+async fn bpf_dump(State(s): State<Arc<AdminState>>) -> axum::response::Response {
+    let dp = s.dataplane.lock().unwrap_or_else(|p| p.into_inner());
+    match dp.as_ref().map(Dataplane::dump) {
+        Some(Ok(dump)) => Json(dump).into_response(),
+        Some(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "dataplane not loaded\n").into_response(),
+    }
+}

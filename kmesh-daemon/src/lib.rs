@@ -1,0 +1,17 @@
+//! kmesh-rs node agent as a library: the daemon binary and the kernel tests
+//! drive the same code.
+//!
+//! - [`dataplane`]: load the kernel programs, attach them, write the maps;
+//! - [`writer`]: the make-before-break, all-or-nothing map update protocol;
+//! - [`netns`]: network namespace cookies for enrollment;
+//! - [`sys`]: cgroup v2 and bpffs discovery;
+//! - [`admin`]: the admin HTTP API on 127.0.0.1:15200.
+
+pub mod admin;
+pub mod dataplane;
+pub mod netns;
+pub mod sys;
+pub mod writer;
+
+/// The daemon's version, as `/version` reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,186 @@
+//! `kmesh-daemon`: the kmesh-rs node agent.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::atomic::Ordering,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use kmesh_daemon::{
+    admin::{self, AdminState},
+    dataplane::{Dataplane, DataplaneOptions},
+    netns, sys,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "kmesh-daemon", version, about = "kmesh-rs node agent: routes service traffic in the kernel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Remove everything kmesh-daemon pinned under --bpf-fs-path.
+    Uninstall {
+        #[arg(long, env = "KMESH_BPF_FS_PATH", default_value = "/sys/fs/bpf")]
+        bpf_fs_path: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Dataplane mode. Only kernel-native is implemented in this version.
+    #[arg(long, value_enum, env = "KMESH_MODE", default_value = "kernel-native")]
+    mode: Mode,
+
+    /// Static mesh config: an Envoy v3 bootstrap (`static_resources`) or an
+    /// Envoy config_dump, YAML or JSON.
+    #[arg(long, env = "KMESH_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Network namespace to enroll (e.g. /var/run/netns/NAME, or
+    /// /proc/1/ns/net for the host); repeatable.
+    #[arg(long = "enroll-netns", value_name = "PATH")]
+    enroll_netns: Vec<PathBuf>,
+
+    /// cgroup v2 directory to attach the programs to [default: the cgroup2
+    /// mount point from /proc/mounts].
+    #[arg(long, env = "KMESH_CGROUP2_PATH")]
+    cgroup2_path: Option<PathBuf>,
+
+    /// bpffs mount; maps are pinned under <bpf-fs-path>/kmesh.
+    #[arg(long, env = "KMESH_BPF_FS_PATH", default_value = "/sys/fs/bpf")]
+    bpf_fs_path: PathBuf,
+
+    /// Admin API address.
+    #[arg(long, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15200")]
+    admin_addr: SocketAddr,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    KernelNative,
+    DualEngine,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Uninstall { bpf_fs_path }) => uninstall(&bpf_fs_path),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(cli.run))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmesh-daemon: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn pin_dir(bpf_fs_path: &Path) -> PathBuf {
+    bpf_fs_path.join("kmesh")
+}
+
+fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
+    let dir = pin_dir(bpf_fs_path);
+    if !dir.exists() {
+        println!("nothing to remove: {} does not exist", dir.display());
+        return Ok(());
+    }
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    println!("removed {}", dir.display());
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.mode == Mode::DualEngine {
+        bail!("--mode dual-engine is not implemented in this version; use --mode kernel-native");
+    }
+    let Some(config_path) = &args.config else {
+        bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources); the xDS client is not implemented in this version");
+    };
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("reading --config {}", config_path.display()))?;
+    let flat = xds_adapter::compile_static_config(&text)
+        .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?;
+    for w in &flat.warnings {
+        tracing::warn!("config: {w}");
+    }
+
+    let cgroup = match &args.cgroup2_path {
+        Some(p) => p.clone(),
+        None => sys::cgroup2_mount()?,
+    };
+    let cookies = args
+        .enroll_netns
+        .iter()
+        .map(|p| netns::cookie_of(p).map(|c| (p, c)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("--enroll-netns")?;
+
+    if sys::ensure_bpffs(&args.bpf_fs_path)? {
+        tracing::info!(path = %args.bpf_fs_path.display(), "mounted bpffs");
+    }
+    let pins = pin_dir(&args.bpf_fs_path);
+    if pins.exists() {
+        bail!(
+            "{} already exists: another kmesh-daemon is running, or one stopped without cleaning up; if none is running, remove it with `kmesh-daemon uninstall --bpf-fs-path {}`",
+            pins.display(),
+            args.bpf_fs_path.display()
+        );
+    }
+
+    let state = AdminState::new();
+    let admin = tokio::spawn(admin::serve(args.admin_addr, state.clone()));
+
+    let mut dp = Dataplane::load(&DataplaneOptions { pin_dir: Some(pins.clone()) })?;
+    let summary = dp.apply(&flat)?;
+    tracing::info!(
+        services = summary.added,
+        slots = summary.slots_written,
+        "config {} written to the kernel",
+        config_path.display()
+    );
+    for (path, cookie) in &cookies {
+        dp.enroll(*cookie)?;
+        tracing::info!(netns = %path.display(), cookie, "enrolled");
+    }
+    dp.attach(&cgroup)?;
+    tracing::info!(cgroup = %cgroup.display(), programs = ?dp.program_ids(), "programs attached");
+    *state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(flat);
+    *state.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(dp);
+    state.ready.store(true, Ordering::Release);
+    tracing::info!("ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: detaching"),
+        r = admin => {
+            r.context("admin task")??;
+        }
+    }
+    state.ready.store(false, Ordering::Release);
+    // Dropping the dataplane detaches the programs and removes the pins.
+    drop(state.dataplane.lock().unwrap_or_else(|p| p.into_inner()).take());
+    tracing::info!("detached and unpinned; bye");
+    Ok(())
+}
