@@ -22,9 +22,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=KMESH_EBPF_OBJECT");
 
     if let Some(prebuilt) = env::var_os("KMESH_EBPF_OBJECT") {
-        std::fs::copy(&prebuilt, &out).unwrap_or_else(|e| {
-            panic!("KMESH_EBPF_OBJECT={prebuilt:?} cannot be copied: {e}")
-        });
+        std::fs::copy(&prebuilt, &out)
+            .unwrap_or_else(|e| panic!("KMESH_EBPF_OBJECT={prebuilt:?} cannot be copied: {e}"));
         return;
     }
 
@@ -43,7 +42,11 @@ fn main() {
     // The outer cargo's settings describe the host build, not this one.
     for (k, _) in env::vars_os() {
         let k = k.to_string_lossy();
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" || k == "RUSTFLAGS" {
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
+            || k.starts_with("RUSTC")
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTFLAGS"
+        {
             cmd.env_remove(&*k);
         }
     }

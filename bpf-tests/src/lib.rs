@@ -26,9 +26,10 @@ static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
 
 /// Runs `ip` with `args`; an error carries ip's own message.
 pub fn ip(args: &[&str]) -> io::Result<()> {
-    let out = Command::new("ip").args(args).output().map_err(|e| {
-        io::Error::new(e.kind(), format!("running `ip` (install iproute2): {e}"))
-    })?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running `ip` (install iproute2): {e}")))?;
     if !out.status.success() {
         return Err(io::Error::other(format!(
             "ip {}: {}",
@@ -129,7 +130,8 @@ impl Drop for Held {
 fn read_json(r: &mut impl BufRead) -> io::Result<serde_json::Value> {
     let mut line = String::new();
     r.read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| io::Error::other(format!("bad testpod output {line:?}: {e}")))
+    serde_json::from_str(&line)
+        .map_err(|e| io::Error::other(format!("bad testpod output {line:?}: {e}")))
 }
 
 /// A node with pods. See the module docs.
@@ -168,7 +170,16 @@ impl Node {
         ip(&["-n", nn, "link", "set", "lo", "up"])?;
         ip(&["-n", nn, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", nn, "addr", "add", "10.244.0.1/16", "dev", "br0"])?;
-        ip(&["-n", nn, "addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"])?;
+        ip(&[
+            "-n",
+            nn,
+            "addr",
+            "add",
+            "fd00:244::1/64",
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         ip(&["-n", nn, "link", "set", "br0", "up"])?;
         Ok(node)
     }
@@ -194,16 +205,43 @@ impl Node {
         // Both ends are created directly in their namespaces: no name can
         // clash with this machine's interfaces.
         ip(&[
-            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &host_if, "netns", &self.name,
+            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &host_if,
+            "netns", &self.name,
         ])?;
         ip(&["-n", &self.name, "link", "set", &host_if, "master", "br0"])?;
         ip(&["-n", &self.name, "link", "set", &host_if, "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{}/16", pod.ip4), "dev", "eth0"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{}/64", pod.ip6), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{}/16", pod.ip4),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{}/64", pod.ip6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "route", "add", "default", "via", "10.244.0.1"])?;
-        ip(&["-n", &netns, "-6", "route", "add", "default", "via", "fd00:244::1"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "fd00:244::1",
+        ])?;
         Ok(pod)
     }
 
@@ -222,7 +260,10 @@ impl Node {
     }
 
     fn spawn_server(&mut self, mut cmd: Command) -> io::Result<()> {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
         let mut out = BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
         out.read_line(&mut line)?;
@@ -236,7 +277,9 @@ impl Node {
     /// Starts a server named `name` in `pod`, listening on `addrs`.
     pub fn serve(&mut self, pod: &Pod, name: &str, addrs: &[SocketAddr]) -> io::Result<()> {
         let mut cmd = self.testpod(&pod.netns_path, Some(&pod.cgroup));
-        cmd.arg("serve").arg(name).args(addrs.iter().map(|a| a.to_string()));
+        cmd.arg("serve")
+            .arg(name)
+            .args(addrs.iter().map(|a| a.to_string()));
         self.spawn_server(cmd)
     }
 
@@ -250,7 +293,15 @@ impl Node {
                 IpAddr::V4(v4) => format!("{v4}/32"),
                 IpAddr::V6(v6) => format!("{v6}/128"),
             };
-            let mut args = vec!["-n", self.name.as_str(), "addr", "add", cidr.as_str(), "dev", "lo"];
+            let mut args = vec![
+                "-n",
+                self.name.as_str(),
+                "addr",
+                "add",
+                cidr.as_str(),
+                "dev",
+                "lo",
+            ];
             if a.is_ipv6() {
                 args.push("nodad");
             }
@@ -261,7 +312,9 @@ impl Node {
             }
         }
         let mut cmd = self.testpod(&self.netns_path(), None);
-        cmd.arg("serve").arg(name).args(addrs.iter().map(|a| a.to_string()));
+        cmd.arg("serve")
+            .arg(name)
+            .args(addrs.iter().map(|a| a.to_string()));
         self.spawn_server(cmd)
     }
 
@@ -275,7 +328,10 @@ impl Node {
             .stderr(Stdio::inherit())
             .output()?;
         if !out.status.success() {
-            return Err(io::Error::other(format!("testpod connect failed: {}", out.status)));
+            return Err(io::Error::other(format!(
+                "testpod connect failed: {}",
+                out.status
+            )));
         }
         serde_json::from_slice(&out.stdout)
             .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
@@ -331,7 +387,10 @@ fn remove_cgroup_tree(dir: &Path) {
             }
         }
     }
-    if let (Some(parent), Ok(procs)) = (dir.parent(), std::fs::read_to_string(dir.join("cgroup.procs"))) {
+    if let (Some(parent), Ok(procs)) = (
+        dir.parent(),
+        std::fs::read_to_string(dir.join("cgroup.procs")),
+    ) {
         for pid in procs.lines() {
             let _ = std::fs::write(parent.join("cgroup.procs"), pid);
         }
@@ -374,12 +433,21 @@ fn sweep_stale(prefix: &str) {
 /// when nothing answers.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::Read;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: kmesh\r\nConnection: close\r\n\r\n").ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kmesh\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     let code = resp.split_whitespace().nth(1)?.parse().ok()?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }

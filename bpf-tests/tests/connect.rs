@@ -15,8 +15,16 @@ fn sa(s: &str) -> SocketAddr {
 
 fn one_service(vip: SocketAddr, lb: &str, endpoints: Vec<(SocketAddr, u32)>) -> String {
     bootstrap(
-        &[ListenerSpec { name: "web", vip, clusters: vec![("web", 1)] }],
-        &[ClusterSpec { name: "web", lb, endpoints }],
+        &[ListenerSpec {
+            name: "web",
+            vip,
+            clusters: vec![("web", 1)],
+        }],
+        &[ClusterSpec {
+            name: "web",
+            lb,
+            endpoints,
+        }],
     )
 }
 
@@ -24,7 +32,8 @@ fn one_service(vip: SocketAddr, lb: &str, endpoints: Vec<(SocketAddr, u32)>) -> 
 fn round_robin_spreads_evenly_and_getpeername_shows_the_vip() {
     let mut m = mesh(3, &[]);
     let eps = m.servers.iter().map(|p| (p.addr4(8080), 1)).collect();
-    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps))).unwrap();
+    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps)))
+        .unwrap();
 
     let r = m.node.connect(&m.client, sa(VIP), 60).unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
@@ -42,7 +51,8 @@ fn round_robin_spreads_evenly_and_getpeername_shows_the_vip() {
 fn random_reaches_every_endpoint() {
     let mut m = mesh(3, &[]);
     let eps = m.servers.iter().map(|p| (p.addr4(8080), 1)).collect();
-    m.dp.apply(&compile(&one_service(sa(VIP), "RANDOM", eps))).unwrap();
+    m.dp.apply(&compile(&one_service(sa(VIP), "RANDOM", eps)))
+        .unwrap();
 
     let r = m.node.connect(&m.client, sa(VIP), 300).unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
@@ -57,7 +67,8 @@ fn random_reaches_every_endpoint() {
 fn endpoint_weights_are_honoured() {
     let mut m = mesh(2, &[]);
     let eps = vec![(m.servers[0].addr4(8080), 3), (m.servers[1].addr4(8080), 1)];
-    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps))).unwrap();
+    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps)))
+        .unwrap();
 
     let r = m.node.connect(&m.client, sa(VIP), 80).unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
@@ -70,16 +81,31 @@ fn endpoint_weights_are_honoured() {
 fn weighted_clusters_split_traffic() {
     let mut m = mesh(2, &[]);
     let cfg = bootstrap(
-        &[ListenerSpec { name: "web", vip: sa(VIP), clusters: vec![("v1", 90), ("v2", 10)] }],
+        &[ListenerSpec {
+            name: "web",
+            vip: sa(VIP),
+            clusters: vec![("v1", 90), ("v2", 10)],
+        }],
         &[
-            ClusterSpec { name: "v1", lb: "ROUND_ROBIN", endpoints: vec![(m.servers[0].addr4(8080), 1)] },
-            ClusterSpec { name: "v2", lb: "ROUND_ROBIN", endpoints: vec![(m.servers[1].addr4(8080), 1)] },
+            ClusterSpec {
+                name: "v1",
+                lb: "ROUND_ROBIN",
+                endpoints: vec![(m.servers[0].addr4(8080), 1)],
+            },
+            ClusterSpec {
+                name: "v2",
+                lb: "ROUND_ROBIN",
+                endpoints: vec![(m.servers[1].addr4(8080), 1)],
+            },
         ],
     );
     m.dp.apply(&compile(&cfg)).unwrap();
     let r = m.node.connect(&m.client, sa(VIP), 100).unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
-    assert!(r.count("srv1").abs_diff(10) <= 2 * ncpu(), "90/10 split gave {r:?}");
+    assert!(
+        r.count("srv1").abs_diff(10) <= 2 * ncpu(),
+        "90/10 split gave {r:?}"
+    );
 }
 
 #[test]
@@ -87,7 +113,8 @@ fn pods_not_enrolled_and_unknown_vips_are_untouched() {
     let other_vip = sa("10.96.0.99:80");
     let mut m = mesh(2, &[sa(VIP), other_vip]);
     let eps = m.servers.iter().map(|p| (p.addr4(8080), 1)).collect();
-    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps))).unwrap();
+    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps)))
+        .unwrap();
     let outsider = m.node.add_pod("outsider").unwrap();
 
     // Not enrolled: the connect goes where the app sent it (the node's catcher).
@@ -112,29 +139,45 @@ fn ipv6_service_routes_to_ipv6_endpoints() {
     let vip6 = sa("[fd00:96::10]:80");
     let mut m = mesh(2, &[]);
     let eps = m.servers.iter().map(|p| (p.addr6(8080), 1)).collect();
-    m.dp.apply(&compile(&one_service(vip6, "ROUND_ROBIN", eps))).unwrap();
+    m.dp.apply(&compile(&one_service(vip6, "ROUND_ROBIN", eps)))
+        .unwrap();
 
     let r = m.node.connect(&m.client, vip6, 20).unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
-    assert_eq!(r.peer_mismatch, 0, "getpeername must return the v6 VIP: {r:?}");
+    assert_eq!(
+        r.peer_mismatch, 0,
+        "getpeername must return the v6 VIP: {r:?}"
+    );
     assert!(r.count("srv0") > 0 && r.count("srv1") > 0, "{r:?}");
 }
 
 #[test]
 fn endpoint_set_change_keeps_open_connections_and_moves_new_ones() {
     let mut m = mesh(3, &[]);
-    let first = one_service(sa(VIP), "ROUND_ROBIN", vec![(m.servers[0].addr4(8080), 1), (m.servers[1].addr4(8080), 1)]);
+    let first = one_service(
+        sa(VIP),
+        "ROUND_ROBIN",
+        vec![(m.servers[0].addr4(8080), 1), (m.servers[1].addr4(8080), 1)],
+    );
     m.dp.apply(&compile(&first)).unwrap();
     let mut held = m.node.hold(&m.client, sa(VIP), 6).unwrap();
     assert_eq!(held.backends.values().sum::<usize>(), 6);
     assert!(!held.backends.contains_key("srv2"));
 
     // srv0 leaves, srv2 joins.
-    let second = one_service(sa(VIP), "ROUND_ROBIN", vec![(m.servers[1].addr4(8080), 1), (m.servers[2].addr4(8080), 1)]);
+    let second = one_service(
+        sa(VIP),
+        "ROUND_ROBIN",
+        vec![(m.servers[1].addr4(8080), 1), (m.servers[2].addr4(8080), 1)],
+    );
     let summary = m.dp.apply(&compile(&second)).unwrap();
     assert_eq!((summary.changed, summary.added, summary.removed), (1, 0, 0));
 
-    assert_eq!(held.check().unwrap(), 6, "open connections must keep working");
+    assert_eq!(
+        held.check().unwrap(),
+        6,
+        "open connections must keep working"
+    );
     let r = m.node.connect(&m.client, sa(VIP), 20).unwrap();
     assert_eq!(r.errors, 0, "{r:?}");
     assert_eq!(r.count("srv0"), 0, "removed endpoint still picked: {r:?}");
@@ -143,19 +186,32 @@ fn endpoint_set_change_keeps_open_connections_and_moves_new_ones() {
     // Read back from the kernel: exactly the new endpoint set.
     let dump = m.dp.dump().unwrap();
     assert_eq!(dump.services.len(), 1);
-    assert_eq!(dump.services[0].slots, vec![m.servers[1].addr4(8080), m.servers[2].addr4(8080)]);
+    assert_eq!(
+        dump.services[0].slots,
+        vec![m.servers[1].addr4(8080), m.servers[2].addr4(8080)]
+    );
 }
 
 #[test]
 fn removed_service_is_no_longer_routed() {
     let mut m = mesh(1, &[sa(VIP)]);
     let eps = vec![(m.servers[0].addr4(8080), 1)];
-    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps))).unwrap();
-    assert_eq!(m.node.connect(&m.client, sa(VIP), 3).unwrap().count("srv0"), 3);
+    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps)))
+        .unwrap();
+    assert_eq!(
+        m.node.connect(&m.client, sa(VIP), 3).unwrap().count("srv0"),
+        3
+    );
 
-    let empty = xds_adapter::FlatConfig { services: Default::default(), warnings: vec![] };
+    let empty = xds_adapter::FlatConfig {
+        services: Default::default(),
+        warnings: vec![],
+    };
     let s = m.dp.apply(&empty).unwrap();
     assert_eq!(s.removed, 1);
-    assert_eq!(m.node.connect(&m.client, sa(VIP), 3).unwrap().count("node"), 3);
+    assert_eq!(
+        m.node.connect(&m.client, sa(VIP), 3).unwrap().count("node"),
+        3
+    );
     assert!(m.dp.dump().unwrap().services.is_empty());
 }

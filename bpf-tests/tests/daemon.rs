@@ -13,16 +13,27 @@ use std::{
 use bpf_tests::http_get;
 use common::{bootstrap, workspace_bin, ClusterSpec, ListenerSpec, TESTPOD};
 
-/// A private bpffs mount, unmounted and removed on drop.
-struct Bpffs(PathBuf);
+/// A private bpffs mount (`.0`) and a config file path (`.1`), both
+/// removed on drop.
+struct Bpffs(PathBuf, PathBuf);
 
 impl Bpffs {
     fn new(tag: &str) -> Bpffs {
-        let dir = std::env::temp_dir().join(format!("kmt-bpffs-{}-{tag}", std::process::id()));
+        let base = std::env::temp_dir().join(format!("kmt-{}-{tag}", std::process::id()));
+        let dir = base.with_extension("bpffs");
         std::fs::create_dir_all(&dir).unwrap();
-        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .unwrap();
         assert!(ok.success(), "mount bpffs at {}", dir.display());
-        Bpffs(dir)
+        Bpffs(dir, base.with_extension("yaml"))
+    }
+
+    fn write_config(&self, text: &str) -> &Path {
+        std::fs::write(&self.1, text).unwrap();
+        &self.1
     }
 }
 
@@ -30,17 +41,16 @@ impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_file(&self.1);
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let p = dir.join("mesh.yaml");
-    std::fs::write(&p, text).unwrap();
-    p
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -53,17 +63,22 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
     node.serve(&srv, "srv0", &[srv.addr4(8080)]).unwrap();
     node.serve_on_node("node", &[vip]).unwrap();
     let bpffs = Bpffs::new("e2e");
-    let cfg = write_config(
-        &bpffs.0,
-        &bootstrap(
-            &[ListenerSpec { name: "web", vip, clusters: vec![("web", 1)] }],
-            &[ClusterSpec { name: "web", lb: "ROUND_ROBIN", endpoints: vec![(srv.addr4(8080), 1)] }],
-        ),
-    );
+    let cfg = bpffs.write_config(&bootstrap(
+        &[ListenerSpec {
+            name: "web",
+            vip,
+            clusters: vec![("web", 1)],
+        }],
+        &[ClusterSpec {
+            name: "web",
+            lb: "ROUND_ROBIN",
+            endpoints: vec![(srv.addr4(8080), 1)],
+        }],
+    ));
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut daemon = Command::new(workspace_bin("kmesh-daemon"))
         .arg("--config")
-        .arg(&cfg)
+        .arg(cfg)
         .arg("--enroll-netns")
         .arg(&client.netns_path)
         .arg("--cgroup2-path")
@@ -91,7 +106,11 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
     assert_eq!(code, 200);
     let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(dump["services"][0]["vip"], "10.96.0.10:80", "{body}");
-    assert_eq!(dump["services"][0]["slots"][0], srv.addr4(8080).to_string(), "{body}");
+    assert_eq!(
+        dump["services"][0]["slots"][0],
+        srv.addr4(8080).to_string(),
+        "{body}"
+    );
     assert_eq!(http_get(admin, "/version").unwrap().0, 200);
 
     // SIGTERM: detach, unpin, exit 0.
@@ -108,24 +127,35 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
     assert!(status.success(), "{status}");
     assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
     let r = node.connect(&client, vip, 3).unwrap();
-    assert_eq!(r.count("node"), 3, "programs still attached after SIGTERM: {r:?}");
+    assert_eq!(
+        r.count("node"),
+        3,
+        "programs still attached after SIGTERM: {r:?}"
+    );
 }
 
 #[test]
 fn bad_config_is_rejected_with_resource_and_field_and_nothing_is_loaded() {
     bpf_tests::require_root();
     let bpffs = Bpffs::new("bad");
-    let cfg = write_config(
-        &bpffs.0,
+    let cfg = bpffs.write_config(
         &bootstrap(
-            &[ListenerSpec { name: "web", vip: "10.96.0.10:80".parse().unwrap(), clusters: vec![("web", 1)] }],
-            &[ClusterSpec { name: "web", lb: "ROUND_ROBIN", endpoints: vec![("10.244.0.2:8080".parse().unwrap(), 1)] }],
+            &[ListenerSpec {
+                name: "web",
+                vip: "10.96.0.10:80".parse().unwrap(),
+                clusters: vec![("web", 1)],
+            }],
+            &[ClusterSpec {
+                name: "web",
+                lb: "ROUND_ROBIN",
+                endpoints: vec![("10.244.0.2:8080".parse().unwrap(), 1)],
+            }],
         )
         .replace("port_value: 8080", "port_value: 70000"),
     );
     let out = Command::new(workspace_bin("kmesh-daemon"))
         .arg("--config")
-        .arg(&cfg)
+        .arg(cfg)
         .arg("--bpf-fs-path")
         .arg(&bpffs.0)
         .arg("--admin-addr")
@@ -137,5 +167,8 @@ fn bad_config_is_rejected_with_resource_and_field_and_nothing_is_loaded() {
     assert!(err.contains("cluster \"web\""), "{err}");
     assert!(err.contains("port_value"), "{err}");
     assert!(err.contains("70000"), "{err}");
-    assert!(!bpffs.0.join("kmesh").exists(), "a rejected config must load nothing");
+    assert!(
+        !bpffs.0.join("kmesh").exists(),
+        "a rejected config must load nothing"
+    );
 }

@@ -16,10 +16,19 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "kmeshctl", version, about = "Inspect and control a kmesh-rs daemon")]
+#[command(
+    name = "kmeshctl",
+    version,
+    about = "Inspect and control a kmesh-rs daemon"
+)]
 struct Cli {
     /// The daemon's admin API.
-    #[arg(long, global = true, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15200")]
+    #[arg(
+        long,
+        global = true,
+        env = "KMESH_ADMIN_ADDR",
+        default_value = "127.0.0.1:15200"
+    )]
     admin_addr: SocketAddr,
     #[command(subcommand)]
     command: Cmd,
@@ -68,12 +77,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Cmd::Version => {
             println!("kmeshctl {}", env!("CARGO_PKG_VERSION"));
             match get(cli.admin_addr, "/version") {
-                Ok(v) => println!("daemon   {} (abi {})", v["version"].as_str().unwrap_or("?"), v["abi_version"]),
+                Ok(v) => println!(
+                    "daemon   {} (abi {})",
+                    v["version"].as_str().unwrap_or("?"),
+                    v["abi_version"]
+                ),
                 Err(e) => println!("daemon   unreachable: {e:#}"),
             }
             Ok(())
         }
-        Cmd::Dump { mode: DumpMode::KernelNative, bpf, output } => {
+        Cmd::Dump {
+            mode: DumpMode::KernelNative,
+            bpf,
+            output,
+        } => {
             let path = if *bpf {
                 "/debug/config_dump/bpf/kernel-native"
             } else {
@@ -97,7 +114,10 @@ fn print_services(v: &serde_json::Value) {
         serde_json::Value::Object(o) => o.values().collect(),
         _ => Vec::new(),
     };
-    println!("{:<26} {:<12} {:<12} BACKENDS (one per slot)", "VIP", "NAME", "LB");
+    println!(
+        "{:<26} {:<12} {:<12} BACKENDS (one per slot)",
+        "VIP", "NAME", "LB"
+    );
     for s in services {
         let lb = match &s["lb_policy"] {
             serde_json::Value::String(x) => x.clone(),
@@ -106,7 +126,11 @@ fn print_services(v: &serde_json::Value) {
         };
         let slots: Vec<String> = s["slots"]
             .as_array()
-            .map(|a| a.iter().map(|x| x.as_str().unwrap_or("?").to_string()).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or("?").to_string())
+                    .collect()
+            })
             .unwrap_or_default();
         println!(
             "{:<26} {:<12} {:<12} {}",
@@ -122,7 +146,10 @@ fn get(addr: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("cannot reach the daemon's admin API at {addr} (is kmesh-daemon running? pass --admin-addr)"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: kmesh\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kmesh\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));

@@ -21,7 +21,9 @@ use aya::{
 use kmesh_abi::{stats, ServiceValue, SlotKey, SockAddr, LB_RANDOM};
 use xds_adapter::FlatConfig;
 
-use crate::writer::{ApplyError, ApplySummary, DesiredService, MapOpError, ServiceMaps, ServiceTable};
+use crate::writer::{
+    ApplyError, ApplySummary, DesiredService, MapOpError, ServiceMaps, ServiceTable,
+};
 
 /// The kernel programs, built by `build.rs` from `kmesh-ebpf/`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf.o"));
@@ -35,13 +37,22 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
 ];
 
 /// Names of the maps, as bpftool shows them.
-pub const MAPS: [&str; 6] = ["KM_MANAGE", "KM_SERVICE", "KM_SLOT", "KM_RR", "KM_ORIGDST", "KM_STATS"];
+pub const MAPS: [&str; 6] = [
+    "KM_MANAGE",
+    "KM_SERVICE",
+    "KM_SLOT",
+    "KM_RR",
+    "KM_ORIGDST",
+    "KM_STATS",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("loading the eBPF object failed: {0} (hint: needs root or CAP_BPF+CAP_NET_ADMIN, and Linux 5.15+ with BTF)")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF program {program}: {source} (hint: run with `RUST_LOG=debug` for the verifier log)")]
+    #[error(
+        "eBPF program {program}: {source} (hint: run with `RUST_LOG=debug` for the verifier log)"
+    )]
     Program {
         program: &'static str,
         #[source]
@@ -99,16 +110,24 @@ struct KernelMaps {
 
 impl ServiceMaps for KernelMaps {
     fn put_slot(&mut self, key: SlotKey, backend: SockAddr) -> Result<(), MapOpError> {
-        self.slot.insert(key, backend, 0).map_err(|e| op_err("KM_SLOT", "update", e))
+        self.slot
+            .insert(key, backend, 0)
+            .map_err(|e| op_err("KM_SLOT", "update", e))
     }
     fn del_slot(&mut self, key: SlotKey) -> Result<(), MapOpError> {
-        self.slot.remove(&key).map_err(|e| op_err("KM_SLOT", "delete", e))
+        self.slot
+            .remove(&key)
+            .map_err(|e| op_err("KM_SLOT", "delete", e))
     }
     fn put_service(&mut self, vip: SockAddr, value: ServiceValue) -> Result<(), MapOpError> {
-        self.service.insert(vip, value, 0).map_err(|e| op_err("KM_SERVICE", "update", e))
+        self.service
+            .insert(vip, value, 0)
+            .map_err(|e| op_err("KM_SERVICE", "update", e))
     }
     fn del_service(&mut self, vip: SockAddr) -> Result<(), MapOpError> {
-        self.service.remove(&vip).map_err(|e| op_err("KM_SERVICE", "delete", e))
+        self.service
+            .remove(&vip)
+            .map_err(|e| op_err("KM_SERVICE", "delete", e))
     }
 }
 
@@ -140,7 +159,12 @@ impl Drop for Pins {
 }
 
 impl Pins {
-    fn pin(&mut self, dir: Option<&Path>, name: &'static str, map: &Map) -> Result<(), DataplaneError> {
+    fn pin(
+        &mut self,
+        dir: Option<&Path>,
+        name: &'static str,
+        map: &Map,
+    ) -> Result<(), DataplaneError> {
         let Some(dir) = dir else { return Ok(()) };
         let path = dir.join(name);
         map.pin(&path).map_err(|e| DataplaneError::Pin {
@@ -153,7 +177,12 @@ impl Pins {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str, pins: &mut Pins, pin_dir: Option<&Path>) -> Result<T, DataplaneError>
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    pins: &mut Pins,
+    pin_dir: Option<&Path>,
+) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map>,
     T::Error: std::fmt::Display,
@@ -205,7 +234,10 @@ impl Dataplane {
         for name in CONNECT_PROGRAMS {
             program(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DataplaneError::Program { program: name, source })?;
+                .map_err(|source| DataplaneError::Program {
+                    program: name,
+                    source,
+                })?;
         }
         let mut pins = Pins::default();
         let pin_dir = opts.pin_dir.as_deref();
@@ -249,8 +281,11 @@ impl Dataplane {
             source,
         })?;
         for name in CONNECT_PROGRAMS {
+            // With bpf_link (Linux 5.7+, what aya uses here) cgroup
+            // attachments always coexist with other programs; the kernel
+            // rejects any flag on link_create, so the mode must be Single.
             program(&mut self.ebpf, name)?
-                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .attach(&file, CgroupAttachMode::Single)
                 .map_err(|source| DataplaneError::Attach {
                     program: name,
                     cgroup: cgroup.to_path_buf(),
@@ -277,7 +312,11 @@ impl Dataplane {
                     xds_adapter::addr::to_abi(s.vip),
                     DesiredService {
                         lb_policy: s.lb_policy,
-                        slots: s.slots.iter().map(|a| xds_adapter::addr::to_abi(*a)).collect(),
+                        slots: s
+                            .slots
+                            .iter()
+                            .map(|a| xds_adapter::addr::to_abi(*a))
+                            .collect(),
                     },
                 )
             })
@@ -315,10 +354,13 @@ impl Dataplane {
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
         let mut out = BTreeMap::new();
         for (i, name) in STAT_NAMES.iter().enumerate() {
-            let v = self.stats.get(&(i as u32), 0).map_err(|e| DataplaneError::MapIo {
-                map: "KM_STATS",
-                detail: e.to_string(),
-            })?;
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|e| DataplaneError::MapIo {
+                    map: "KM_STATS",
+                    detail: e.to_string(),
+                })?;
             out.insert(*name, v.iter().sum());
         }
         Ok(out)
@@ -326,20 +368,32 @@ impl Dataplane {
 
     /// Reads services, slots and enrollment back from the kernel maps.
     pub fn dump(&self) -> Result<KernelDump, DataplaneError> {
-        let io = |map: &'static str| move |e: aya::maps::MapError| DataplaneError::MapIo { map, detail: e.to_string() };
+        let io = |map: &'static str| {
+            move |e: aya::maps::MapError| DataplaneError::MapIo {
+                map,
+                detail: e.to_string(),
+            }
+        };
         let mut services = Vec::new();
         for entry in self.maps.service.iter() {
             let (vip, v) = entry.map_err(io("KM_SERVICE"))?;
             let mut slots = Vec::with_capacity(v.slot_count as usize);
             for n in 0..v.slot_count {
-                let key = SlotKey { service_id: v.service_id, slot: n };
+                let key = SlotKey {
+                    service_id: v.service_id,
+                    slot: n,
+                };
                 let b = self.maps.slot.get(&key, 0).map_err(io("KM_SLOT"))?;
                 slots.push(xds_adapter::addr::from_abi(&b));
             }
             services.push(KernelService {
                 vip: xds_adapter::addr::from_abi(&vip),
                 service_id: v.service_id,
-                lb_policy: if v.lb_policy == LB_RANDOM { "RANDOM" } else { "ROUND_ROBIN" },
+                lb_policy: if v.lb_policy == LB_RANDOM {
+                    "RANDOM"
+                } else {
+                    "ROUND_ROBIN"
+                },
                 slots,
             });
         }
@@ -368,12 +422,18 @@ impl Dataplane {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DataplaneError> {
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DataplaneError> {
     ebpf.program_mut(name)
         .ok_or(DataplaneError::Map {
             map: name,
             detail: "program not in the object".into(),
         })?
         .try_into()
-        .map_err(|source| DataplaneError::Program { program: name, source })
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })
 }

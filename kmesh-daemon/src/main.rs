@@ -16,7 +16,11 @@ use kmesh_daemon::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "kmesh-daemon", version, about = "kmesh-rs node agent: routes service traffic in the kernel")]
+#[command(
+    name = "kmesh-daemon",
+    version,
+    about = "kmesh-rs node agent: routes service traffic in the kernel"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -75,6 +79,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -151,7 +157,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = AdminState::new();
     let admin = tokio::spawn(admin::serve(args.admin_addr, state.clone()));
 
-    let mut dp = Dataplane::load(&DataplaneOptions { pin_dir: Some(pins.clone()) })?;
+    let mut dp = Dataplane::load(&DataplaneOptions {
+        pin_dir: Some(pins.clone()),
+    })?;
     let summary = dp.apply(&flat)?;
     tracing::info!(
         services = summary.added,
@@ -180,7 +188,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     state.ready.store(false, Ordering::Release);
     // Dropping the dataplane detaches the programs and removes the pins.
-    drop(state.dataplane.lock().unwrap_or_else(|p| p.into_inner()).take());
+    drop(
+        state
+            .dataplane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(),
+    );
     tracing::info!("detached and unpinned; bye");
     Ok(())
 }

@@ -22,7 +22,10 @@ pub fn cookie_of(path: &Path) -> io::Result<u64> {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(
                 e.kind(),
-                format!("setns into {} (is it a network namespace?): {e}", path.display()),
+                format!(
+                    "setns into {} (is it a network namespace?): {e}",
+                    path.display()
+                ),
             ));
         }
         current_cookie()

@@ -38,7 +38,10 @@ fn unescape_mount(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -102,13 +105,19 @@ mod tests {
     #[test]
     fn finds_hybrid_cgroup2() {
         let m = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(find_mount(m, "cgroup2").unwrap(), PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            find_mount(m, "cgroup2").unwrap(),
+            PathBuf::from("/sys/fs/cgroup/unified")
+        );
         assert_eq!(find_mount(m, "bpf"), None);
     }
 
     #[test]
     fn unescapes_octal() {
         let m = "cgroup2 /mnt/my\\040cg cgroup2 rw 0 0\n";
-        assert_eq!(find_mount(m, "cgroup2").unwrap(), PathBuf::from("/mnt/my cg"));
+        assert_eq!(
+            find_mount(m, "cgroup2").unwrap(),
+            PathBuf::from("/mnt/my cg")
+        );
     }
 }

@@ -124,7 +124,9 @@ impl ServiceTable {
         let mut todo: Vec<(SockAddr, &DesiredService)> = Vec::new();
         for (vip, want) in desired {
             match self.installed.get(vip) {
-                Some(have) if have.value.lb_policy == want.lb_policy && have.slots == want.slots => {
+                Some(have)
+                    if have.value.lb_policy == want.lb_policy && have.slots == want.slots =>
+                {
                     summary.unchanged += 1
                 }
                 Some(_) => {
@@ -359,7 +361,10 @@ mod tests {
         let mut maps = FakeMaps::default();
         let mut t = ServiceTable::new();
         let s = t
-            .apply(&mut maps, &desired(&[(vip1, LB_ROUND_ROBIN, &[a, b]), (vip2, LB_RANDOM, &[c])]))
+            .apply(
+                &mut maps,
+                &desired(&[(vip1, LB_ROUND_ROBIN, &[a, b]), (vip2, LB_RANDOM, &[c])]),
+            )
             .unwrap();
         assert_eq!((s.added, s.changed, s.removed), (2, 0, 0));
         assert_eq!(maps.resolve(&vip1).unwrap(), vec![a, b]);
@@ -384,7 +389,10 @@ mod tests {
         let vip1 = addr(1, 80);
         let (a, b, c) = (addr(10, 8080), addr(11, 8080), addr(12, 8080));
         let first = desired(&[(vip1, LB_ROUND_ROBIN, &[a, b])]);
-        let second = desired(&[(vip1, LB_RANDOM, &[c, a, b]), (addr(2, 80), LB_ROUND_ROBIN, &[c])]);
+        let second = desired(&[
+            (vip1, LB_RANDOM, &[c, a, b]),
+            (addr(2, 80), LB_ROUND_ROBIN, &[c]),
+        ]);
         // Writes of the second apply: 4 slots + 2 services = 6; fail each.
         for fail in 1..=6 {
             let mut maps = FakeMaps::default();
@@ -406,13 +414,18 @@ mod tests {
 
     #[test]
     fn full_slot_map_is_refused_before_any_write() {
-        let many: Vec<SockAddr> = (0..MAX_SLOTS + 1).map(|i| SockAddr::from_raw_v4(i, 1)).collect();
+        let many: Vec<SockAddr> = (0..MAX_SLOTS + 1)
+            .map(|i| SockAddr::from_raw_v4(i, 1))
+            .collect();
         let mut maps = FakeMaps::default();
         let mut t = ServiceTable::new();
         let err = t
             .apply(&mut maps, &desired(&[(addr(1, 80), LB_ROUND_ROBIN, &many)]))
             .unwrap_err();
-        assert!(matches!(err, ApplyError::Full { map: "KM_SLOT", .. }), "{err}");
+        assert!(
+            matches!(err, ApplyError::Full { map: "KM_SLOT", .. }),
+            "{err}"
+        );
         assert_eq!(maps.writes, 0);
     }
 }

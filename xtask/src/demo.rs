@@ -35,7 +35,11 @@ pub fn run() -> anyhow::Result<()> {
     let mut servers = Vec::new();
     for i in 0..3 {
         let pod = node.add_pod(&format!("srv{i}"))?;
-        node.serve(&pod, &pod.name.clone(), &[pod.addr4(8080), pod.addr6(8080), pod.addr4(9090)])?;
+        node.serve(
+            &pod,
+            &pod.name.clone(),
+            &[pod.addr4(8080), pod.addr6(8080), pod.addr4(9090)],
+        )?;
         servers.push(pod);
     }
     let outsider = node.add_pod("outsider")?;
@@ -44,9 +48,18 @@ pub fn run() -> anyhow::Result<()> {
         "pod addresses differ from the ones demo/mesh.yaml names"
     );
     // Whatever reaches a VIP unrewritten is answered by the node itself.
-    node.serve_on_node("(no rewrite: VIP itself)", &["10.96.0.10:80".parse()?, "10.96.0.20:80".parse()?])?;
+    node.serve_on_node(
+        "(no rewrite: VIP itself)",
+        &["10.96.0.10:80".parse()?, "10.96.0.20:80".parse()?],
+    )?;
     for p in std::iter::once(&client).chain(&servers).chain([&outsider]) {
-        eprintln!("    pod {:<9} {:<12} {:<13} cgroup {}", p.name, p.ip4, p.ip6, p.cgroup.display());
+        eprintln!(
+            "    pod {:<9} {:<12} {:<13} cgroup {}",
+            p.name,
+            p.ip4,
+            p.ip6,
+            p.cgroup.display()
+        );
     }
 
     step("starting kmesh-daemon on the embedded mesh (demo/mesh.yaml)");
@@ -102,14 +115,22 @@ pub fn run() -> anyhow::Result<()> {
 
 /// Waits for readiness, shows the programs, drives traffic, prints the
 /// table; returns the kernel ids of our programs.
-fn drive(node: &Node, client: &Pod, outsider: &Pod, daemon: &mut std::process::Child) -> anyhow::Result<Vec<u32>> {
+fn drive(
+    node: &Node,
+    client: &Pod,
+    outsider: &Pod,
+    daemon: &mut std::process::Child,
+) -> anyhow::Result<Vec<u32>> {
     let admin: SocketAddr = ADMIN.parse()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while http_get(admin, "/debug/ready").map(|r| r.0) != Some(200) {
         if let Some(s) = daemon.try_wait()? {
             bail!("kmesh-daemon exited before it was ready ({s})");
         }
-        ensure!(Instant::now() < deadline, "kmesh-daemon not ready after 30 s");
+        ensure!(
+            Instant::now() < deadline,
+            "kmesh-daemon not ready after 30 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("    {ADMIN}/debug/ready answered 200");
@@ -135,17 +156,29 @@ fn drive(node: &Node, client: &Pod, outsider: &Pod, daemon: &mut std::process::C
         (client, "web (ROUND_ROBIN)", "10.96.0.10:80", 30),
         (client, "api (75/25 split, RANDOM)", "10.96.0.20:80", 200),
         (client, "web-v6 (ROUND_ROBIN)", "[fd00:96::10]:80", 20),
-        (outsider, "web, from a pod NOT enrolled", "10.96.0.10:80", 10),
+        (
+            outsider,
+            "web, from a pod NOT enrolled",
+            "10.96.0.10:80",
+            10,
+        ),
     ];
     eprintln!();
-    eprintln!("    {:<9} {:<30} {:<18} {:>5}  {:<26} {:>5} {:>6}", "from", "service", "VIP", "conns", "landed on", "count", "share");
+    eprintln!(
+        "    {:<9} {:<30} {:<18} {:>5}  {:<26} {:>5} {:>6}",
+        "from", "service", "VIP", "conns", "landed on", "count", "share"
+    );
     eprintln!("    {}", "-".repeat(108));
     let mut mismatches = 0;
     for (pod, label, vip, n) in runs {
         let r: ConnectReport = node.connect(pod, vip.parse()?, n)?;
         let mut first = true;
         for (backend, count) in &r.backends {
-            let (from, svc, v, total) = if first { (pod.name.as_str(), label, vip, n.to_string()) } else { ("", "", "", String::new()) };
+            let (from, svc, v, total) = if first {
+                (pod.name.as_str(), label, vip, n.to_string())
+            } else {
+                ("", "", "", String::new())
+            };
             eprintln!(
                 "    {from:<9} {svc:<30} {v:<18} {total:>5}  {backend:<26} {count:>5} {:>5.0}%",
                 100.0 * *count as f64 / n as f64
@@ -153,7 +186,10 @@ fn drive(node: &Node, client: &Pod, outsider: &Pod, daemon: &mut std::process::C
             first = false;
         }
         if r.errors > 0 {
-            eprintln!("    {:<9} {:<30} {:<18} {:>5}  {:<26} {:>5}", "", "", "", "", "failed connects", r.errors);
+            eprintln!(
+                "    {:<9} {:<30} {:<18} {:>5}  {:<26} {:>5}",
+                "", "", "", "", "failed connects", r.errors
+            );
         }
         mismatches += r.peer_mismatch;
     }
@@ -163,7 +199,8 @@ fn drive(node: &Node, client: &Pod, outsider: &Pod, daemon: &mut std::process::C
         eprintln!("\n    getpeername() differed from the dialled VIP on {mismatches} connections");
     }
 
-    let (_, body) = http_get(admin, "/debug/config_dump/bpf/kernel-native").context("bpf config dump")?;
+    let (_, body) =
+        http_get(admin, "/debug/config_dump/bpf/kernel-native").context("bpf config dump")?;
     let dump: serde_json::Value = serde_json::from_str(&body)?;
     eprintln!("    kernel counters (KM_STATS): {}", dump["stats"]);
     Ok(ids)

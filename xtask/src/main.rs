@@ -39,7 +39,10 @@ fn main() -> ExitCode {
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 /// Where cargo puts debug binaries.
@@ -78,19 +81,39 @@ pub fn is_root() -> bool {
 
 pub fn build() -> anyhow::Result<()> {
     step("building kmesh-daemon (and the eBPF programs), kmeshctl, kmesh-testpod");
-    run_cmd(cargo().args(["build", "--locked", "-p", "kmesh-daemon", "-p", "kmesh-ctl", "-p", "bpf-tests", "--bins"]))
+    run_cmd(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "kmesh-daemon",
+        "-p",
+        "kmesh-ctl",
+        "-p",
+        "bpf-tests",
+        "--bins",
+    ]))
 }
 
 fn test() -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the kernel tests need root (namespaces, cgroups, BPF): run `sudo -E cargo xtask test`");
+        bail!(
+            "the kernel tests need root (namespaces, cgroups, BPF): run `sudo -E cargo xtask test`"
+        );
     }
     setup::run()?;
     step("cargo fmt --check");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
     build()?;
     step("cargo clippy --all-targets -- -D warnings");
-    run_cmd(cargo().args(["clippy", "--locked", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run_cmd(cargo().args([
+        "clippy",
+        "--locked",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("unit tests, then kernel tests (bpf-tests: real sockets in network namespaces)");
     run_cmd(cargo().args(["test", "--locked", "--workspace"]))?;
     eprintln!("\nall tests passed");

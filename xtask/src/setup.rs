@@ -25,11 +25,14 @@ pub fn run() -> anyhow::Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
-    let Some(sysroot) = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])) else {
+    let Some(sysroot) = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+    else {
         bail!("no nightly Rust toolchain: the eBPF programs need one (`rustup toolchain install nightly --component rust-src`)");
     };
     let src = std::path::Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
@@ -42,12 +45,19 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    if let Some(v) = output(Command::new("bpf-linker").arg("--version")) {
+    // bpf-linker loads the nightly toolchain's libLLVM, which is on the
+    // library path only inside that toolchain's environment.
+    if let Some(v) =
+        output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]))
+    {
         if v.contains(BPF_LINKER_VERSION) {
             eprintln!("    bpf-linker {BPF_LINKER_VERSION}: present");
             return Ok(());
         }
-        eprintln!("    bpf-linker: found {}, want {BPF_LINKER_VERSION}", v.trim());
+        eprintln!(
+            "    bpf-linker: found {}, want {BPF_LINKER_VERSION}",
+            v.trim()
+        );
     }
     eprintln!("    bpf-linker {BPF_LINKER_VERSION}: building against the nightly toolchain's libLLVM (about a minute)");
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
@@ -58,16 +68,24 @@ fn bpf_linker() -> anyhow::Result<()> {
         .flatten()
         .map(|e| e.path())
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
         })
-        .with_context(|| format!("no libLLVM in {}: the nightly toolchain is incomplete", lib_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM in {}: the nightly toolchain is incomplete",
+                lib_dir.display()
+            )
+        })?;
     let prefix = crate::root().join("target/llvm-prefix");
     std::fs::create_dir_all(prefix.join("bin"))?;
     std::fs::create_dir_all(prefix.join("lib"))?;
     let config = prefix.join("bin/llvm-config");
-    std::fs::write(&config, "#!/bin/sh\n# stub: bpf-linker's build script only checks that this file exists\n")?;
+    std::fs::write(
+        &config,
+        "#!/bin/sh\n# stub: bpf-linker's build script only checks that this file exists\n",
+    )?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o755))?;
     let link = prefix.join("lib/libLLVM.so");
@@ -75,7 +93,14 @@ fn bpf_linker() -> anyhow::Result<()> {
     std::os::unix::fs::symlink(&libllvm, &link)?;
     run_cmd(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", &prefix),
     )
@@ -86,21 +111,26 @@ fn debian_packages() -> anyhow::Result<()> {
     let wanted = [("ip", "iproute2"), ("bpftool", "bpftool")];
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(bin, _)| output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none())
+        .filter(|(bin, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
         eprintln!("    iproute2, bpftool: present");
         return Ok(());
     }
-    if !crate::is_root() || output(Command::new("sh").args(["-c", "command -v apt-get"])).is_none() {
+    if !crate::is_root() || output(Command::new("sh").args(["-c", "command -v apt-get"])).is_none()
+    {
         eprintln!("    missing {missing:?}: install them with your package manager (iproute2 is required, bpftool optional)");
         return Ok(());
     }
     eprintln!("    installing {missing:?} with apt-get");
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
     let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+    cmd.args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
     if let Err(e) = run_cmd(&mut cmd) {
         if missing.contains(&"iproute2") {
             return Err(e);

@@ -24,8 +24,11 @@ fn main() {
         let value = args.remove(0);
         match flag.as_str() {
             "--netns" => enter_netns(&value),
-            "--cgroup" => std::fs::write(format!("{value}/cgroup.procs"), std::process::id().to_string())
-                .unwrap_or_else(|e| die(&format!("joining cgroup {value}: {e}"))),
+            "--cgroup" => std::fs::write(
+                format!("{value}/cgroup.procs"),
+                std::process::id().to_string(),
+            )
+            .unwrap_or_else(|e| die(&format!("joining cgroup {value}: {e}"))),
             _ => die(&format!("unknown flag {flag}")),
         }
     }
@@ -43,18 +46,23 @@ fn die(msg: &str) -> ! {
 }
 
 fn parse_addr(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|e| die(&format!("bad address {s}: {e}")))
+    s.parse()
+        .unwrap_or_else(|e| die(&format!("bad address {s}: {e}")))
 }
 
 fn parse_count(s: &str) -> usize {
-    s.parse().unwrap_or_else(|e| die(&format!("bad count {s}: {e}")))
+    s.parse()
+        .unwrap_or_else(|e| die(&format!("bad count {s}: {e}")))
 }
 
 fn enter_netns(path: &str) {
     let f = std::fs::File::open(path).unwrap_or_else(|e| die(&format!("open {path}: {e}")));
     // SAFETY: `f` is an open namespace fd; the process is still single-threaded.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        die(&format!("setns {path}: {}", std::io::Error::last_os_error()));
+        die(&format!(
+            "setns {path}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
 }
 
@@ -105,7 +113,10 @@ fn dial(addr: SocketAddr) -> std::io::Result<(String, bool, BufReader<TcpStream>
     let mut line = String::new();
     r.read_line(&mut line)?;
     if line.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before name"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before name",
+        ));
     }
     Ok((line.trim().to_string(), peer_ok, r))
 }

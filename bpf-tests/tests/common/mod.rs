@@ -58,8 +58,18 @@ pub fn bootstrap(listeners: &[ListenerSpec], clusters: &[ClusterSpec]) -> String
     }
     y.push_str("  clusters:\n");
     for c in clusters {
-        writeln!(y, "  - name: {}\n    connect_timeout: 1s\n    type: STATIC\n    lb_policy: {}", c.name, c.lb).unwrap();
-        writeln!(y, "    load_assignment:\n      cluster_name: {}\n      endpoints:\n      - lb_endpoints:", c.name).unwrap();
+        writeln!(
+            y,
+            "  - name: {}\n    connect_timeout: 1s\n    type: STATIC\n    lb_policy: {}",
+            c.name, c.lb
+        )
+        .unwrap();
+        writeln!(
+            y,
+            "    load_assignment:\n      cluster_name: {}\n      endpoints:\n      - lb_endpoints:",
+            c.name
+        )
+        .unwrap();
         for (a, w) in &c.endpoints {
             writeln!(
                 y,
@@ -75,7 +85,8 @@ pub fn bootstrap(listeners: &[ListenerSpec], clusters: &[ClusterSpec]) -> String
 
 /// Compiles a bootstrap document, panicking with the adapter's errors.
 pub fn compile(yaml: &str) -> xds_adapter::FlatConfig {
-    xds_adapter::compile_static_config(yaml).unwrap_or_else(|e| panic!("config rejected:\n{e}\n{yaml}"))
+    xds_adapter::compile_static_config(yaml)
+        .unwrap_or_else(|e| panic!("config rejected:\n{e}\n{yaml}"))
 }
 
 /// A node with one client pod (enrolled) and `n` server pods, each running
@@ -109,7 +120,9 @@ pub fn mesh(n: usize, catch: &[SocketAddr]) -> Mesh {
 
 /// Number of CPUs: round robin is per CPU, so counts may differ by this much.
 pub fn ncpu() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Path of a workspace binary built next to the test executable.

@@ -1,0 +1,1047 @@
+//! The validated domain model: what the kernel dataplane can do, checked and
+//! normalised, converted from the Envoy protos with `TryFrom`.
+//!
+//! The `TryFrom` impls check one resource on its own. Cross-resource checks
+//! (referenced clusters exist, names and addresses are unique, EDS clusters
+//! find their ClusterLoadAssignment) and the warnings are done by
+//! [`crate::MeshConfig::from_resources`], which should be preferred.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use envoy_types::pb::envoy::config::cluster::v3 as pb_cluster;
+use envoy_types::pb::envoy::config::core::v3 as pb_core;
+use envoy_types::pb::envoy::config::endpoint::v3 as pb_endpoint;
+use envoy_types::pb::envoy::config::listener::v3 as pb_listener;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as pb_tcp;
+use prost::Message;
+
+use crate::error::{index, join, ConfigErrors, Diag};
+use crate::schema::{self, MsgSchema, TCP_PROXY_TYPE_URL};
+
+/// A listener: connections to `address` are sent to `route`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Listener {
+    pub name: String,
+    /// The service VIP:port (IPv4-mapped IPv6 addresses are stored as IPv4).
+    pub address: SocketAddr,
+    pub route: TcpRoute,
+}
+
+/// Where a listener's connections go.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TcpRoute {
+    /// All connections to one cluster.
+    Cluster(String),
+    /// Connections split over clusters in proportion to the weights (each ≥ 1).
+    Weighted(Vec<(String, u32)>),
+}
+
+impl TcpRoute {
+    /// The clusters the route uses, with their weights (1 for a single cluster).
+    pub fn clusters(&self) -> Vec<(&str, u32)> {
+        match self {
+            TcpRoute::Cluster(c) => vec![(c.as_str(), 1)],
+            TcpRoute::Weighted(w) => w.iter().map(|(c, w)| (c.as_str(), *w)).collect(),
+        }
+    }
+}
+
+/// A cluster: a named set of endpoints and how to pick one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub lb: LbPolicy,
+    /// All endpoints of the cluster, in configuration order (only those with
+    /// priority 0 are used in this version).
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Load-balancing policies the kernel implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbPolicy {
+    RoundRobin,
+    Random,
+}
+
+impl LbPolicy {
+    /// The `kmesh_abi::LB_*` value.
+    pub fn to_abi(self) -> u32 {
+        match self {
+            LbPolicy::RoundRobin => kmesh_abi::LB_ROUND_ROBIN,
+            LbPolicy::Random => kmesh_abi::LB_RANDOM,
+        }
+    }
+}
+
+/// One backend of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    /// Backend address (IPv4-mapped IPv6 addresses are stored as IPv4).
+    pub addr: SocketAddr,
+    /// `lb_endpoints[].load_balancing_weight` (default 1, always ≥ 1).
+    pub weight: u32,
+    /// The locality's `load_balancing_weight` (default 1, always ≥ 1).
+    pub locality_weight: u32,
+    /// The locality's priority (0 is the highest).
+    pub priority: u32,
+}
+
+impl TryFrom<&pb_listener::Listener> for Listener {
+    type Error = ConfigErrors;
+
+    /// Converts one listener on its own (cluster references are not checked).
+    fn try_from(l: &pb_listener::Listener) -> Result<Self, ConfigErrors> {
+        let mut d = Diag::default();
+        let conv = convert_listener(l, &mut d);
+        match conv {
+            Some(c) if d.errors.is_empty() => Ok(c.listener),
+            _ => Err(ConfigErrors(d.errors)),
+        }
+    }
+}
+
+impl TryFrom<&pb_cluster::Cluster> for Cluster {
+    type Error = ConfigErrors;
+
+    /// Converts one cluster on its own. An EDS cluster fails here: its
+    /// endpoints come from a separate ClusterLoadAssignment, which
+    /// [`crate::MeshConfig::from_resources`] looks up.
+    fn try_from(c: &pb_cluster::Cluster) -> Result<Self, ConfigErrors> {
+        let mut d = Diag::default();
+        let conv = convert_cluster(c, &BTreeMap::new(), &mut d);
+        match conv {
+            Some(c) if d.errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(d.errors)),
+        }
+    }
+}
+
+/// `listener "web"`.
+pub(crate) fn listener_label(name: &str) -> String {
+    if name.is_empty() {
+        "listener (unnamed)".into()
+    } else {
+        format!("listener {name:?}")
+    }
+}
+
+/// `cluster "reviews"`.
+pub(crate) fn cluster_label(name: &str) -> String {
+    if name.is_empty() {
+        "cluster (unnamed)".into()
+    } else {
+        format!("cluster {name:?}")
+    }
+}
+
+/// `cluster_load_assignment "reviews"`.
+pub(crate) fn cla_label(name: &str) -> String {
+    if name.is_empty() {
+        "cluster_load_assignment (unnamed)".into()
+    } else {
+        format!("cluster_load_assignment {name:?}")
+    }
+}
+
+const IGNORED: &str = "not supported by the kmesh dataplane; ignored";
+
+/// Warns about every field of `m` that is set although the adapter does not
+/// use it: `clear` resets the fields that are used (or reported otherwise),
+/// whatever is left is named from the field table.
+fn warn_ignored<M: Message + Clone>(
+    m: &M,
+    schema: &MsgSchema,
+    clear: impl FnOnce(&mut M),
+    d: &mut Diag,
+    resource: &str,
+    path: &str,
+) {
+    let mut rest = m.clone();
+    clear(&mut rest);
+    for tag in field_numbers(&rest.encode_to_vec()) {
+        let name = schema
+            .name_of(tag)
+            .map_or_else(|| format!("#{tag}"), str::to_string);
+        d.warn(resource, &join(path, &name), IGNORED);
+    }
+}
+
+/// The distinct top-level field numbers present in encoded message bytes.
+fn field_numbers(mut buf: &[u8]) -> Vec<u32> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut tags = Vec::new();
+    while !buf.is_empty() {
+        let Ok((tag, wt)) = decode_key(&mut buf) else {
+            break;
+        };
+        let skip = match wt {
+            WireType::Varint => decode_varint(&mut buf).map(|_| 0).unwrap_or(usize::MAX),
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => decode_varint(&mut buf)
+                .ok()
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(usize::MAX),
+            WireType::StartGroup | WireType::EndGroup => usize::MAX,
+        };
+        if skip > buf.len() {
+            break;
+        }
+        buf = &buf[skip..];
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+    }
+    tags.sort_unstable();
+    tags
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Listener,
+    Endpoint,
+    DnsEndpoint,
+}
+
+/// An `envoy.config.core.v3.Address` that must be an IP:port socket address.
+fn socket_addr(
+    a: &pb_core::Address,
+    role: Role,
+    d: &mut Diag,
+    res: &str,
+    path: &str,
+) -> Option<SocketAddr> {
+    use pb_core::address::Address as A;
+    use pb_core::socket_address::{PortSpecifier, Protocol};
+    let sa = match &a.address {
+        Some(A::SocketAddress(sa)) => sa,
+        Some(A::Pipe(_)) => {
+            d.error(
+                res,
+                &join(path, "pipe"),
+                "unix socket (pipe) addresses are not supported; use socket_address",
+            );
+            return None;
+        }
+        Some(A::EnvoyInternalAddress(_)) => {
+            d.error(
+                res,
+                &join(path, "envoy_internal_address"),
+                "Envoy internal addresses are not supported; use socket_address",
+            );
+            return None;
+        }
+        None => {
+            d.error(res, path, "address is not set; expected socket_address");
+            return None;
+        }
+    };
+    let path = join(path, "socket_address");
+    warn_ignored(
+        sa,
+        schema::SOCKET_ADDRESS,
+        |m| {
+            m.address.clear();
+            m.port_specifier = None;
+            m.protocol = 0;
+        },
+        d,
+        res,
+        &path,
+    );
+    let before = d.errors.len();
+    match Protocol::try_from(sa.protocol) {
+        Ok(Protocol::Tcp) => {}
+        Ok(Protocol::Udp) => d.error(
+            res,
+            &join(&path, "protocol"),
+            "UDP is not supported; only TCP",
+        ),
+        Err(_) => d.error(
+            res,
+            &join(&path, "protocol"),
+            format!("unknown protocol {}", sa.protocol),
+        ),
+    }
+    let port = match &sa.port_specifier {
+        Some(PortSpecifier::PortValue(p)) => match u16::try_from(*p) {
+            Ok(0) => {
+                let what = if role == Role::Listener {
+                    "a service"
+                } else {
+                    "an endpoint"
+                };
+                d.error(
+                    res,
+                    &join(&path, "port_value"),
+                    format!("port 0 is not usable for {what}"),
+                );
+                None
+            }
+            Ok(p) => Some(p),
+            Err(_) => {
+                d.error(
+                    res,
+                    &join(&path, "port_value"),
+                    format!("{p} is out of range (0-65535)"),
+                );
+                None
+            }
+        },
+        Some(PortSpecifier::NamedPort(n)) => {
+            d.error_hint(
+                res,
+                &join(&path, "named_port"),
+                format!("named port {n:?} is not supported"),
+                "use port_value",
+            );
+            None
+        }
+        None => {
+            d.error(res, &join(&path, "port_value"), "port_value is not set");
+            None
+        }
+    };
+    let apath = join(&path, "address");
+    let ip = if sa.address.is_empty() {
+        d.error(res, &apath, "address is empty; expected an IP address");
+        None
+    } else {
+        match sa.address.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() => {
+                let msg = match role {
+                    Role::Listener => format!(
+                        "{} is the wildcard address; a listener must capture one service VIP",
+                        sa.address
+                    ),
+                    _ => format!("{} is the unspecified address, not a backend", sa.address),
+                };
+                d.error(res, &apath, msg);
+                None
+            }
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                let msg = if role == Role::DnsEndpoint {
+                    format!(
+                        "{:?} is not an IP address: STRICT_DNS endpoints must be IP literals here, hostnames are not resolved",
+                        sa.address
+                    )
+                } else {
+                    format!(
+                        "{:?} is not an IP address: hostnames are not resolved",
+                        sa.address
+                    )
+                };
+                d.error_hint(
+                    res,
+                    &apath,
+                    msg,
+                    "write an IP literal such as 10.96.0.10 or fd00::a (no brackets, no zone)",
+                );
+                None
+            }
+        }
+    };
+    if d.errors.len() != before {
+        return None;
+    }
+    Some(crate::addr::canonical(SocketAddr::new(ip?, port?)))
+}
+
+/// A converted listener plus where it references clusters (for the
+/// "cluster is not defined" check).
+pub(crate) struct ConvertedListener {
+    pub listener: Listener,
+    /// (cluster name, field path of the reference)
+    pub refs: Vec<(String, String)>,
+}
+
+pub(crate) fn convert_listener(
+    l: &pb_listener::Listener,
+    d: &mut Diag,
+) -> Option<ConvertedListener> {
+    let res = listener_label(&l.name);
+    let before = d.errors.len();
+    if l.name.is_empty() {
+        d.error(&res, "name", "listener has no name");
+    }
+    if l.api_listener.is_some() {
+        d.error(&res, "api_listener", "API listeners are not supported");
+    }
+    if l.listener_specifier.is_some() {
+        d.error(
+            &res,
+            "internal_listener",
+            "internal listeners are not supported",
+        );
+    }
+    if !l.additional_addresses.is_empty() {
+        d.error_hint(
+            &res,
+            "additional_addresses",
+            "additional addresses are not supported yet",
+            "give each VIP:port its own listener",
+        );
+    }
+    warn_ignored(
+        l,
+        schema::LISTENER,
+        |m| {
+            m.name.clear();
+            m.address = None;
+            m.filter_chains.clear();
+            m.default_filter_chain = None;
+            m.stat_prefix.clear();
+            m.metadata = None;
+            m.traffic_direction = 0;
+            m.bind_to_port = None;
+            m.api_listener = None;
+            m.listener_specifier = None;
+            m.additional_addresses.clear();
+        },
+        d,
+        &res,
+        "",
+    );
+    let address = match &l.address {
+        Some(a) => socket_addr(a, Role::Listener, d, &res, "address"),
+        None => {
+            d.error(&res, "address", "listener has no address");
+            None
+        }
+    };
+
+    let mut chains: Vec<(String, &pb_listener::FilterChain)> = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (index("filter_chains", i), c))
+        .collect();
+    if let Some(c) = &l.default_filter_chain {
+        chains.push(("default_filter_chain".into(), c));
+    }
+    let mut route = None;
+    let mut refs = Vec::new();
+    match chains.as_slice() {
+        [] => d.error_hint(
+            &res,
+            "filter_chains",
+            "listener has no filter chains",
+            "add a filter chain with an envoy.filters.network.tcp_proxy filter",
+        ),
+        [(path, chain)] => {
+            if let Some((r, rr)) = convert_chain(chain, d, &res, path) {
+                route = Some(r);
+                refs = rr;
+            }
+        }
+        more => d.error_hint(
+            &res,
+            "filter_chains",
+            format!("{} filter chains; only one is supported", more.len()),
+            "the kernel cannot evaluate filter_chain_match; give each VIP:port its own listener",
+        ),
+    }
+    if d.errors.len() != before {
+        return None;
+    }
+    Some(ConvertedListener {
+        listener: Listener {
+            name: l.name.clone(),
+            address: address?,
+            route: route?,
+        },
+        refs,
+    })
+}
+
+type Route = (TcpRoute, Vec<(String, String)>);
+
+fn convert_chain(
+    chain: &pb_listener::FilterChain,
+    d: &mut Diag,
+    res: &str,
+    path: &str,
+) -> Option<Route> {
+    use pb_listener::filter::ConfigType;
+    warn_ignored(
+        chain,
+        schema::FILTER_CHAIN,
+        |m| {
+            m.filters.clear();
+            m.name.clear();
+            m.metadata = None;
+        },
+        d,
+        res,
+        path,
+    );
+    if chain.filters.is_empty() {
+        d.error_hint(
+            res,
+            &join(path, "filters"),
+            "filter chain has no filters",
+            "add an envoy.filters.network.tcp_proxy filter",
+        );
+        return None;
+    }
+    let mut route = None;
+    for (i, f) in chain.filters.iter().enumerate() {
+        let fpath = index(&join(path, "filters"), i);
+        let name = if f.name.is_empty() {
+            "(unnamed)"
+        } else {
+            f.name.as_str()
+        };
+        match &f.config_type {
+            Some(ConfigType::TypedConfig(any)) if any.type_url == TCP_PROXY_TYPE_URL => {
+                let tpath = join(&fpath, "typed_config");
+                if route.is_some() {
+                    d.error(res, &fpath, format!("second tcp_proxy filter {name:?}; a filter chain has one"));
+                    continue;
+                }
+                match pb_tcp::TcpProxy::decode(any.value.as_slice()) {
+                    Ok(tp) => route = Some(convert_tcp_proxy(&tp, d, res, &tpath)),
+                    Err(e) => d.error(res, &tpath, format!("TcpProxy does not decode: {e}")),
+                }
+            }
+            Some(ConfigType::TypedConfig(any)) => {
+                let message = if any.type_url.ends_with(".HttpConnectionManager") {
+                    format!(
+                        "network filter {name:?} is an HTTP connection manager, which is not supported yet"
+                    )
+                } else {
+                    format!("network filter {name:?} ({}) is not supported", any.type_url)
+                };
+                d.error_hint(
+                    res,
+                    &fpath,
+                    message,
+                    "only envoy.filters.network.tcp_proxy (type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy) can route a listener",
+                );
+            }
+            Some(ConfigType::ConfigDiscovery(_)) => d.error(
+                res,
+                &join(&fpath, "config_discovery"),
+                format!("filter {name:?}: filter config discovery is not supported; use typed_config"),
+            ),
+            None => d.error_hint(
+                res,
+                &fpath,
+                format!("filter {name:?} has no typed_config"),
+                "set typed_config with \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            ),
+        }
+    }
+    route.flatten()
+}
+
+fn convert_tcp_proxy(tp: &pb_tcp::TcpProxy, d: &mut Diag, res: &str, path: &str) -> Option<Route> {
+    use pb_tcp::tcp_proxy::ClusterSpecifier;
+    let before = d.errors.len();
+    if tp.tunneling_config.is_some() {
+        d.error(
+            res,
+            &join(path, "tunneling_config"),
+            "tunneling is not supported: the kernel connects to the backend directly",
+        );
+    }
+    warn_ignored(
+        tp,
+        schema::TCP_PROXY,
+        |m| {
+            m.stat_prefix.clear();
+            m.cluster_specifier = None;
+            m.idle_timeout = None;
+            m.max_connect_attempts = None;
+            m.tunneling_config = None;
+        },
+        d,
+        res,
+        path,
+    );
+    let route = match &tp.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) => {
+            let cpath = join(path, "cluster");
+            if c.is_empty() {
+                d.error(res, &cpath, "cluster name is empty");
+                None
+            } else {
+                Some((TcpRoute::Cluster(c.clone()), vec![(c.clone(), cpath)]))
+            }
+        }
+        Some(ClusterSpecifier::WeightedClusters(wc)) => {
+            let wpath = join(&join(path, "weighted_clusters"), "clusters");
+            if wc.clusters.is_empty() {
+                d.error(res, &wpath, "weighted_clusters lists no clusters");
+            }
+            let mut out: Vec<(String, u32)> = Vec::new();
+            let mut refs = Vec::new();
+            for (i, cw) in wc.clusters.iter().enumerate() {
+                let cpath = index(&wpath, i);
+                warn_ignored(
+                    cw,
+                    schema::CLUSTER_WEIGHT,
+                    |m| {
+                        m.name.clear();
+                        m.weight = 0;
+                    },
+                    d,
+                    res,
+                    &cpath,
+                );
+                if cw.name.is_empty() {
+                    d.error(res, &join(&cpath, "name"), "cluster name is empty");
+                } else if out.iter().any(|(n, _)| *n == cw.name) {
+                    d.error(
+                        res,
+                        &join(&cpath, "name"),
+                        format!("cluster {:?} is listed twice", cw.name),
+                    );
+                }
+                if cw.weight == 0 {
+                    d.error(res, &join(&cpath, "weight"), "weight must be at least 1");
+                }
+                out.push((cw.name.clone(), cw.weight));
+                refs.push((cw.name.clone(), join(&cpath, "name")));
+            }
+            Some((TcpRoute::Weighted(out), refs))
+        }
+        None => {
+            d.error_hint(
+                res,
+                path,
+                "tcp_proxy names no upstream",
+                "set `cluster` or `weighted_clusters`",
+            );
+            None
+        }
+    };
+    if d.errors.len() != before {
+        return None;
+    }
+    route
+}
+
+pub(crate) fn convert_cluster(
+    c: &pb_cluster::Cluster,
+    load_assignments: &BTreeMap<&str, &pb_endpoint::ClusterLoadAssignment>,
+    d: &mut Diag,
+) -> Option<Cluster> {
+    use pb_cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as PbLb};
+    let res = cluster_label(&c.name);
+    let before = d.errors.len();
+    if c.name.is_empty() {
+        d.error(&res, "name", "cluster has no name");
+    }
+    warn_ignored(
+        c,
+        schema::CLUSTER,
+        |m| {
+            m.name.clear();
+            m.alt_stat_name.clear();
+            m.cluster_discovery_type = None;
+            m.connect_timeout = None;
+            m.lb_policy = 0;
+            m.load_assignment = None;
+            m.eds_cluster_config = None;
+            m.metadata = None;
+        },
+        d,
+        &res,
+        "",
+    );
+
+    let ty = match &c.cluster_discovery_type {
+        None => Some(DiscoveryType::Static),
+        Some(ClusterDiscoveryType::Type(t)) => match DiscoveryType::try_from(*t) {
+            Ok(t @ (DiscoveryType::Static | DiscoveryType::StrictDns | DiscoveryType::Eds)) => {
+                Some(t)
+            }
+            Ok(DiscoveryType::LogicalDns) => {
+                d.error_hint(
+                    &res,
+                    "type",
+                    "LOGICAL_DNS clusters resolve hostnames, which is not supported",
+                    "use STATIC (or STRICT_DNS) with IP addresses, or EDS",
+                );
+                None
+            }
+            Ok(DiscoveryType::OriginalDst) => {
+                d.error(&res, "type", "ORIGINAL_DST clusters are not supported");
+                None
+            }
+            Err(_) => {
+                d.error(&res, "type", format!("unknown cluster type {t}"));
+                None
+            }
+        },
+        Some(ClusterDiscoveryType::ClusterType(ct)) => {
+            d.error(
+                &res,
+                "cluster_type",
+                format!("custom cluster type {:?} is not supported", ct.name),
+            );
+            None
+        }
+    };
+
+    let lb = match PbLb::try_from(c.lb_policy) {
+        Ok(PbLb::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(PbLb::Random) => LbPolicy::Random,
+        Ok(p @ (PbLb::LeastRequest | PbLb::RingHash | PbLb::Maglev)) => {
+            d.warn(
+                &res,
+                "lb_policy",
+                format!(
+                    "{} is not implemented in the kernel yet; using RANDOM",
+                    p.as_str_name()
+                ),
+            );
+            LbPolicy::Random
+        }
+        Ok(p) => {
+            d.warn(
+                &res,
+                "lb_policy",
+                format!(
+                    "{} is not implemented in the kernel yet; using ROUND_ROBIN",
+                    p.as_str_name()
+                ),
+            );
+            LbPolicy::RoundRobin
+        }
+        Err(_) => {
+            d.error(
+                &res,
+                "lb_policy",
+                format!("unknown load balancing policy {}", c.lb_policy),
+            );
+            LbPolicy::RoundRobin
+        }
+    };
+
+    if let Some(t) = &c.connect_timeout {
+        if t.seconds < 0 || t.nanos < 0 || (t.seconds == 0 && t.nanos == 0) {
+            d.error(&res, "connect_timeout", "must be greater than 0s");
+        }
+    }
+
+    let no_endpoints = "cluster has no endpoints";
+    let mut endpoints = None;
+    match ty {
+        Some(DiscoveryType::Eds) => {
+            let service = c
+                .eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.as_str())
+                .filter(|s| !s.is_empty())
+                .unwrap_or(c.name.as_str());
+            if let Some(e) = &c.eds_cluster_config {
+                warn_ignored(
+                    e,
+                    schema::EDS_CLUSTER_CONFIG,
+                    |m| {
+                        m.eds_config = None;
+                        m.service_name.clear();
+                    },
+                    d,
+                    &res,
+                    "eds_cluster_config",
+                );
+            }
+            if c.load_assignment.is_some() {
+                d.warn(
+                    &res,
+                    "load_assignment",
+                    format!("ignored for an EDS cluster; endpoints come from ClusterLoadAssignment {service:?}"),
+                );
+            }
+            match load_assignments.get(service) {
+                Some(cla) => {
+                    let eps = endpoints_of(cla, false, d, &cla_label(service), "");
+                    if d.errors.len() == before && !has_usable(&eps) {
+                        d.error(
+                            &res,
+                            "eds_cluster_config",
+                            format!("{no_endpoints} (ClusterLoadAssignment {service:?}: {})", why_empty(&eps)),
+                        );
+                    }
+                    endpoints = Some(eps.endpoints);
+                }
+                None => d.error_hint(
+                    &res,
+                    "eds_cluster_config",
+                    format!("{no_endpoints}: there is no ClusterLoadAssignment for {service:?}"),
+                    "EDS endpoints come from a ClusterLoadAssignment resource: over xDS, or in the EndpointsConfigDump of a /config_dump?include_eds",
+                ),
+            }
+        }
+        Some(t) => {
+            if c.eds_cluster_config.is_some() {
+                d.warn(
+                    &res,
+                    "eds_cluster_config",
+                    "only used by EDS clusters; ignored",
+                );
+            }
+            match &c.load_assignment {
+                Some(cla) => {
+                    let dns = t == DiscoveryType::StrictDns;
+                    let eps = endpoints_of(cla, dns, d, &res, "load_assignment");
+                    if d.errors.len() == before && !has_usable(&eps) {
+                        let msg = if eps.listed == 0 {
+                            no_endpoints.to_string()
+                        } else {
+                            format!("{no_endpoints} ({})", why_empty(&eps))
+                        };
+                        d.error(&res, "load_assignment.endpoints", msg);
+                    }
+                    endpoints = Some(eps.endpoints);
+                }
+                None => d.error(&res, "load_assignment.endpoints", no_endpoints),
+            }
+        }
+        None => {}
+    }
+    if d.errors.len() != before {
+        return None;
+    }
+    Some(Cluster {
+        name: c.name.clone(),
+        lb,
+        endpoints: endpoints?,
+    })
+}
+
+struct Endpoints {
+    endpoints: Vec<Endpoint>,
+    /// Endpoints listed in the assignment, including excluded ones.
+    listed: usize,
+    /// Endpoints left out because their health status says so.
+    unhealthy: usize,
+}
+
+fn has_usable(e: &Endpoints) -> bool {
+    e.endpoints.iter().any(|e| e.priority == 0)
+}
+
+fn why_empty(e: &Endpoints) -> String {
+    if e.listed == 0 {
+        "it lists none".into()
+    } else if e.unhealthy == e.listed {
+        format!("all {} are unhealthy or draining", e.listed)
+    } else {
+        "none at priority 0, the only priority used yet".into()
+    }
+}
+
+fn endpoints_of(
+    cla: &pb_endpoint::ClusterLoadAssignment,
+    dns: bool,
+    d: &mut Diag,
+    res: &str,
+    path: &str,
+) -> Endpoints {
+    use pb_core::HealthStatus;
+    use pb_endpoint::lb_endpoint::HostIdentifier;
+    warn_ignored(
+        cla,
+        schema::CLUSTER_LOAD_ASSIGNMENT,
+        |m| {
+            m.cluster_name.clear();
+            m.endpoints.clear();
+        },
+        d,
+        res,
+        path,
+    );
+    let role = if dns {
+        Role::DnsEndpoint
+    } else {
+        Role::Endpoint
+    };
+    let mut out = Endpoints {
+        endpoints: Vec::new(),
+        listed: 0,
+        unhealthy: 0,
+    };
+    let mut other_priority = 0usize;
+    let epath = join(path, "endpoints");
+    for (i, loc) in cla.endpoints.iter().enumerate() {
+        let lpath = index(&epath, i);
+        if loc.lb_config.is_some() {
+            d.error_hint(
+                res,
+                &lpath,
+                "load_balancer_endpoints / leds_cluster_locality_config are not supported",
+                "list the endpoints in lb_endpoints",
+            );
+        }
+        warn_ignored(
+            loc,
+            schema::LOCALITY_LB_ENDPOINTS,
+            |m| {
+                m.locality = None;
+                m.metadata = None;
+                m.lb_endpoints.clear();
+                m.load_balancing_weight = None;
+                m.priority = 0;
+                m.lb_config = None;
+            },
+            d,
+            res,
+            &lpath,
+        );
+        let locality_weight = match &loc.load_balancing_weight {
+            Some(w) if w.value == 0 => {
+                d.error(
+                    res,
+                    &join(&lpath, "load_balancing_weight"),
+                    "weight must be at least 1",
+                );
+                1
+            }
+            Some(w) => w.value,
+            None => 1,
+        };
+        for (j, lbe) in loc.lb_endpoints.iter().enumerate() {
+            let ppath = index(&join(&lpath, "lb_endpoints"), j);
+            out.listed += 1;
+            warn_ignored(
+                lbe,
+                schema::LB_ENDPOINT,
+                |m| {
+                    m.host_identifier = None;
+                    m.load_balancing_weight = None;
+                    m.metadata = None;
+                    m.health_status = 0;
+                },
+                d,
+                res,
+                &ppath,
+            );
+            let weight = match &lbe.load_balancing_weight {
+                Some(w) if w.value == 0 => {
+                    d.error(
+                        res,
+                        &join(&ppath, "load_balancing_weight"),
+                        "weight must be at least 1",
+                    );
+                    1
+                }
+                Some(w) => w.value,
+                None => 1,
+            };
+            let ep = match &lbe.host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => ep,
+                Some(HostIdentifier::EndpointName(n)) => {
+                    d.error(
+                        res,
+                        &join(&ppath, "endpoint_name"),
+                        format!("named endpoint {n:?} is not supported; give the endpoint inline"),
+                    );
+                    continue;
+                }
+                None => {
+                    d.error(res, &join(&ppath, "endpoint"), "endpoint is not set");
+                    continue;
+                }
+            };
+            let ep_path = join(&ppath, "endpoint");
+            warn_ignored(
+                ep,
+                schema::ENDPOINT,
+                |m| {
+                    m.address = None;
+                    m.hostname.clear();
+                    m.observability_name.clear();
+                },
+                d,
+                res,
+                &ep_path,
+            );
+            let addr_path = join(&ep_path, "address");
+            let Some(addr) = (match &ep.address {
+                Some(a) => socket_addr(a, role, d, res, &addr_path),
+                None => {
+                    d.error(res, &addr_path, "endpoint has no address");
+                    None
+                }
+            }) else {
+                continue;
+            };
+            let excluded = matches!(
+                HealthStatus::try_from(lbe.health_status),
+                Ok(HealthStatus::Unhealthy | HealthStatus::Draining | HealthStatus::Timeout)
+            );
+            if excluded {
+                out.unhealthy += 1;
+                d.warn(
+                    res,
+                    &join(&ppath, "health_status"),
+                    format!(
+                        "endpoint {addr} is {}; not used",
+                        HealthStatus::try_from(lbe.health_status).map_or("", |h| h.as_str_name())
+                    ),
+                );
+                continue;
+            }
+            if out
+                .endpoints
+                .iter()
+                .any(|e| e.addr == addr && e.priority == loc.priority)
+            {
+                d.warn(
+                    res,
+                    &ppath,
+                    format!("endpoint {addr} is listed twice; both entries count"),
+                );
+            }
+            if loc.priority != 0 {
+                other_priority += 1;
+            }
+            out.endpoints.push(Endpoint {
+                addr,
+                weight,
+                locality_weight,
+                priority: loc.priority,
+            });
+        }
+    }
+    if other_priority > 0 {
+        d.warn(
+            res,
+            &epath,
+            format!("{other_priority} endpoint(s) at priority > 0 are not used (only priority 0 is supported yet)"),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_numbers_of_encoded_messages() {
+        let l = pb_listener::Listener {
+            name: "x".into(),
+            stat_prefix: "y".into(),
+            enable_mptcp: true,
+            listener_filters: vec![Default::default(), Default::default()],
+            ..Default::default()
+        };
+        assert_eq!(field_numbers(&l.encode_to_vec()), vec![1, 9, 28, 30]);
+        assert_eq!(field_numbers(&[0xff]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn lb_policy_abi() {
+        assert_eq!(LbPolicy::RoundRobin.to_abi(), kmesh_abi::LB_ROUND_ROBIN);
+        assert_eq!(LbPolicy::Random.to_abi(), kmesh_abi::LB_RANDOM);
+    }
+}
