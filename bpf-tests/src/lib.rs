@@ -102,6 +102,34 @@ impl ConnectReport {
     }
 }
 
+/// A client connecting in a loop (`kmesh-testpod loop`).
+pub struct Looping(Option<Child>);
+
+impl Looping {
+    /// Waits for the loop to end and returns what it saw.
+    pub fn finish(mut self) -> io::Result<ConnectReport> {
+        let child = self.0.take().expect("finished once");
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "testpod loop failed: {}",
+                out.status
+            )));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
+    }
+}
+
+impl Drop for Looping {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Connections held open by a client (`kmesh-testpod hold`).
 pub struct Held {
     pub backends: BTreeMap<String, usize>,
@@ -335,6 +363,21 @@ impl Node {
         }
         serde_json::from_slice(&out.stdout)
             .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
+    }
+
+    /// Starts sequential connections from `pod` to `addr` for `millis`
+    /// milliseconds in the background; [`Looping::finish`] collects the
+    /// report.
+    pub fn start_loop(&self, pod: &Pod, addr: SocketAddr, millis: u64) -> io::Result<Looping> {
+        let child = self
+            .testpod(&pod.netns_path, Some(&pod.cgroup))
+            .arg("loop")
+            .arg(addr.to_string())
+            .arg(millis.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Looping(Some(child)))
     }
 
     /// Opens `count` connections from `pod` to `addr` and keeps them open.

@@ -3,55 +3,12 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use bpf_tests::http_get;
-use common::{bootstrap, workspace_bin, ClusterSpec, ListenerSpec, TESTPOD};
-
-/// A private bpffs mount (`.0`) and a config file path (`.1`), both
-/// removed on drop.
-struct Bpffs(PathBuf, PathBuf);
-
-impl Bpffs {
-    fn new(tag: &str) -> Bpffs {
-        let base = std::env::temp_dir().join(format!("kmt-{}-{tag}", std::process::id()));
-        let dir = base.with_extension("bpffs");
-        std::fs::create_dir_all(&dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount bpffs at {}", dir.display());
-        Bpffs(dir, base.with_extension("yaml"))
-    }
-
-    fn write_config(&self, text: &str) -> &Path {
-        std::fs::write(&self.1, text).unwrap();
-        &self.1
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{
+    bootstrap, free_port, workspace_bin, Bpffs, ClusterSpec, Daemon, ListenerSpec, TESTPOD,
+};
 
 #[test]
 fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
@@ -75,34 +32,22 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
             endpoints: vec![(srv.addr4(8080), 1)],
         }],
     ));
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut daemon = Command::new(workspace_bin("kmesh-daemon"))
-        .arg("--config")
-        .arg(cfg)
-        .arg("--enroll-netns")
-        .arg(&client.netns_path)
-        .arg("--cgroup2-path")
-        .arg(&node.cgroup)
-        .arg("--bpf-fs-path")
-        .arg(&bpffs.0)
-        .arg("--admin-addr")
-        .arg(admin.to_string())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(admin, "/debug/ready").map(|r| r.0) != Some(200) {
-        assert!(daemon.try_wait().unwrap().is_none(), "daemon exited early");
-        assert!(Instant::now() < deadline, "daemon not ready in 30 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut daemon = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &[]);
 
     let r = node.connect(&client, vip, 10).unwrap();
     assert_eq!((r.count("srv0"), r.errors), (10, 0), "{r:?}");
     for m in kmesh_daemon::dataplane::MAPS {
         assert!(bpffs.0.join("kmesh").join(m).exists(), "map {m} not pinned");
     }
-    let (code, body) = http_get(admin, "/debug/config_dump/bpf/kernel-native").unwrap();
+    let links = std::fs::read_dir(bpffs.0.join("kmesh/links"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        links,
+        kmesh_daemon::dataplane::CONNECT_PROGRAMS.len(),
+        "one pinned link per program"
+    );
+    let (code, body) = http_get(daemon.admin, "/debug/config_dump/bpf/kernel-native").unwrap();
     assert_eq!(code, 200);
     let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(dump["services"][0]["vip"], "10.96.0.10:80", "{body}");
@@ -111,19 +56,10 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
         srv.addr4(8080).to_string(),
         "{body}"
     );
-    assert_eq!(http_get(admin, "/version").unwrap().0, 200);
+    assert_eq!(http_get(daemon.admin, "/version").unwrap().0, 200);
 
-    // SIGTERM: detach, unpin, exit 0.
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // SIGTERM (default --on-exit detach): detach, unpin, exit 0.
+    let status = daemon.signal(libc::SIGTERM);
     assert!(status.success(), "{status}");
     assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
     let r = node.connect(&client, vip, 3).unwrap();

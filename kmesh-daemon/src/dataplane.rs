@@ -2,9 +2,25 @@
 //! maps and programs, attaches the programs to a cgroup v2 directory, and
 //! writes configs through [`ServiceTable`].
 //!
-//! Lifetime: programs stay attached exactly as long as the [`Dataplane`]
-//! lives (aya's cgroup links are detached on drop); pins made under
-//! `pin_dir` are removed on drop too.
+//! Lifetime. Without a pin directory, programs stay attached exactly as long
+//! as the [`Dataplane`] lives. With one (`<bpf-fs-path>/kmesh`), maps and
+//! cgroup links are pinned there:
+//!
+//! ```text
+//! <pin_dir>/KM_ABI, KM_MANAGE, KM_SERVICE, …   maps (KM_ABI[0] = ABI version)
+//! <pin_dir>/links/<program>@<pid>             one cgroup link per program
+//! ```
+//!
+//! so the kernel keeps routing when the daemon dies. A new daemon reuses
+//! maps of the same ABI version (its view of what is installed is read back
+//! from them, so a restart with the same config writes nothing), attaches
+//! its own programs next to the old ones, pins them, and only then removes
+//! the old links: at every instant at least one pinned link routes. Running
+//! two generations of the connect program at once is harmless: the first
+//! rewrites VIP → backend, and the second sees no VIP. Maps of another ABI
+//! version are moved aside (`<pin_dir>-retired-<pid>`; bpffs refuses names with a dot) and removed once the
+//! new programs are attached. Dropping the dataplane removes every pin
+//! unless [`Dataplane::keep_pinned`] was called.
 
 use std::{
     collections::BTreeMap,
@@ -16,9 +32,9 @@ use std::{
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
-use kmesh_abi::{stats, ServiceValue, SlotKey, SockAddr, LB_RANDOM};
+use kmesh_abi::{stats, ServiceValue, SlotKey, SockAddr, ABI_VERSION, LB_RANDOM};
 use xds_adapter::FlatConfig;
 
 use crate::writer::{
@@ -37,7 +53,8 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
 ];
 
 /// Names of the maps, as bpftool shows them.
-pub const MAPS: [&str; 6] = [
+pub const MAPS: [&str; 7] = [
+    "KM_ABI",
     "KM_MANAGE",
     "KM_SERVICE",
     "KM_SLOT",
@@ -73,22 +90,29 @@ pub enum DataplaneError {
     },
     #[error("map {map} missing from the eBPF object or of the wrong type: {detail}")]
     Map { map: &'static str, detail: String },
-    #[error("pinning map {map} at {path}: {detail} (hint: is --bpf-fs-path on a bpffs, and left over from an earlier run? remove it with `rm -r`)")]
-    Pin {
-        map: &'static str,
-        path: PathBuf,
-        detail: String,
-    },
+    #[error("pinned state at {path}: {detail} (hint: is --bpf-fs-path on a bpffs? `kmesh-daemon uninstall` removes pinned state)")]
+    Pin { path: PathBuf, detail: String },
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error("map {map}: {detail}")]
     MapIo { map: &'static str, detail: String },
 }
 
-/// Where to pin maps; `None` loads without pins (tests).
+/// Where to pin maps and links; `None` loads without pins (tests).
 #[derive(Debug, Clone, Default)]
 pub struct DataplaneOptions {
     pub pin_dir: Option<PathBuf>,
+}
+
+/// How [`Dataplane::load`] found the pin directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum PinnedState {
+    /// No pin directory, or an empty one: everything created fresh.
+    Fresh,
+    /// Maps of this ABI version reused, with what they held.
+    Reused,
+    /// Maps of another ABI version (the one given) moved aside; fresh maps.
+    Migrated { from_abi: u32 },
 }
 
 /// The loaded kernel side.
@@ -99,8 +123,27 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     table: ServiceTable,
     attached_to: Option<PathBuf>,
-    /// Declared last: dropped after the maps and programs it pins.
-    _pins: Pins,
+    pin_dir: Option<PathBuf>,
+    pinned_state: PinnedState,
+    /// Our pinned links; dropping them closes our fds, the pins stay.
+    links: Vec<aya::programs::links::PinnedLink>,
+    keep_pinned: bool,
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if self.keep_pinned {
+            return;
+        }
+        // Removing the pins drops the kernel's last reference to the links
+        // once our own fds close (right after this, with the fields), which
+        // detaches the programs; the maps go with the programs.
+        if let Some(dir) = &self.pin_dir {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), "removing pinned state: {e}");
+            }
+        }
+    }
 }
 
 struct KernelMaps {
@@ -139,50 +182,7 @@ fn op_err(map: &'static str, op: &'static str, e: aya::maps::MapError) -> MapOpE
     }
 }
 
-/// Pins made by this dataplane; removed (with the directory, if this
-/// dataplane made it) on drop, also when a later load step fails.
-#[derive(Default)]
-struct Pins {
-    paths: Vec<PathBuf>,
-    made_dir: Option<PathBuf>,
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        for p in &self.paths {
-            let _ = std::fs::remove_file(p);
-        }
-        if let Some(d) = &self.made_dir {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-}
-
-impl Pins {
-    fn pin(
-        &mut self,
-        dir: Option<&Path>,
-        name: &'static str,
-        map: &Map,
-    ) -> Result<(), DataplaneError> {
-        let Some(dir) = dir else { return Ok(()) };
-        let path = dir.join(name);
-        map.pin(&path).map_err(|e| DataplaneError::Pin {
-            map: name,
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-        self.paths.push(path);
-        Ok(())
-    }
-}
-
-fn take<T>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    pins: &mut Pins,
-    pin_dir: Option<&Path>,
-) -> Result<T, DataplaneError>
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map>,
     T::Error: std::fmt::Display,
@@ -191,11 +191,24 @@ where
         map: name,
         detail: "not in the object".into(),
     })?;
-    pins.pin(pin_dir, name, &map)?;
     T::try_from(map).map_err(|e| DataplaneError::Map {
         map: name,
         detail: e.to_string(),
     })
+}
+
+fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Pin {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
+}
+
+/// The ABI version recorded in a pinned `KM_ABI`, if there is one.
+fn pinned_abi(dir: &Path) -> Option<u32> {
+    let data = MapData::from_pin(dir.join("KM_ABI")).ok()?;
+    let arr = aya::maps::Array::<MapData, u32>::try_from(Map::Array(data)).ok()?;
+    arr.get(&0, 0).ok()
 }
 
 /// One service as read back from the kernel maps.
@@ -227,10 +240,29 @@ pub const STAT_NAMES: [&str; stats::COUNT as usize] = [
 ];
 
 impl Dataplane {
-    /// Loads programs and maps into the kernel (nothing attached yet, so
-    /// no socket is affected until [`Dataplane::attach`]).
+    /// Loads programs and maps into the kernel (nothing new attached yet,
+    /// so no socket sees the new programs until [`Dataplane::attach`]).
+    /// With a pin directory, maps pinned there by a daemon of the same ABI
+    /// version are reused, and the service table is read back from them.
     pub fn load(opts: &DataplaneOptions) -> Result<Self, DataplaneError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        let mut pinned_state = PinnedState::Fresh;
+        if let Some(dir) = &opts.pin_dir {
+            match pinned_abi(dir) {
+                Some(v) if v == ABI_VERSION => pinned_state = PinnedState::Reused,
+                Some(v) => {
+                    let retired = retired_dir(dir);
+                    std::fs::rename(dir, &retired).map_err(|e| pin_err(dir, e))?;
+                    pinned_state = PinnedState::Migrated { from_abi: v };
+                }
+                None => {}
+            }
+            std::fs::create_dir_all(dir.join("links")).map_err(|e| pin_err(dir, e))?;
+            for name in MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in CONNECT_PROGRAMS {
             program(&mut ebpf, name)?
                 .load()
@@ -239,37 +271,87 @@ impl Dataplane {
                     source,
                 })?;
         }
-        let mut pins = Pins::default();
-        let pin_dir = opts.pin_dir.as_deref();
-        if let Some(dir) = pin_dir {
-            if !dir.exists() {
-                pins.made_dir = Some(dir.to_path_buf());
-            }
-            std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Pin {
-                map: "(directory)",
-                path: dir.to_path_buf(),
+        let mut abi: aya::maps::Array<MapData, u32> = take(&mut ebpf, "KM_ABI")?;
+        abi.set(0, ABI_VERSION, 0)
+            .map_err(|e| DataplaneError::MapIo {
+                map: "KM_ABI",
                 detail: e.to_string(),
             })?;
-        }
-        let manage = take(&mut ebpf, "KM_MANAGE", &mut pins, pin_dir)?;
-        let service = take(&mut ebpf, "KM_SERVICE", &mut pins, pin_dir)?;
-        let slot = take(&mut ebpf, "KM_SLOT", &mut pins, pin_dir)?;
-        let stats = take(&mut ebpf, "KM_STATS", &mut pins, pin_dir)?;
-        // Used only by the kernel; pinned for inspection with bpftool.
-        for name in ["KM_RR", "KM_ORIGDST"] {
-            if let Some(map) = ebpf.map(name) {
-                pins.pin(pin_dir, name, map)?;
-            }
-        }
-        Ok(Dataplane {
+        let mut dp = Dataplane {
+            manage: take(&mut ebpf, "KM_MANAGE")?,
+            maps: KernelMaps {
+                service: take(&mut ebpf, "KM_SERVICE")?,
+                slot: take(&mut ebpf, "KM_SLOT")?,
+            },
+            stats: take(&mut ebpf, "KM_STATS")?,
             ebpf,
-            manage,
-            maps: KernelMaps { service, slot },
-            stats,
             table: ServiceTable::new(),
             attached_to: None,
-            _pins: pins,
-        })
+            pin_dir: opts.pin_dir.clone(),
+            pinned_state,
+            links: Vec::new(),
+            keep_pinned: false,
+        };
+        if pinned_state == PinnedState::Reused {
+            dp.table = dp.read_back_table()?;
+        }
+        Ok(dp)
+    }
+
+    /// How the pin directory was found at load.
+    pub fn pinned_state(&self) -> PinnedState {
+        self.pinned_state
+    }
+
+    /// Rebuilds the service table from the kernel maps and deletes slots
+    /// no service points to (left by a daemon killed in the middle of an
+    /// update: staged but never switched to).
+    fn read_back_table(&mut self) -> Result<ServiceTable, DataplaneError> {
+        let dump = self.dump()?;
+        let mut live = std::collections::BTreeSet::new();
+        let mut entries = Vec::with_capacity(dump.services.len());
+        for s in &dump.services {
+            live.insert(s.service_id);
+            let value = self
+                .maps
+                .service
+                .get(&xds_adapter::addr::to_abi(s.vip), 0)
+                .map_err(|e| DataplaneError::MapIo {
+                    map: "KM_SERVICE",
+                    detail: e.to_string(),
+                })?;
+            entries.push((
+                xds_adapter::addr::to_abi(s.vip),
+                value,
+                s.slots
+                    .iter()
+                    .map(|a| xds_adapter::addr::to_abi(*a))
+                    .collect(),
+            ));
+        }
+        let orphans: Vec<SlotKey> = self
+            .maps
+            .slot
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.service_id))
+            .collect();
+        for k in &orphans {
+            let _ = self.maps.slot.remove(k);
+        }
+        if !orphans.is_empty() {
+            tracing::info!(
+                slots = orphans.len(),
+                "removed slots left by an interrupted update"
+            );
+        }
+        Ok(ServiceTable::from_installed(entries))
+    }
+
+    /// Leaves maps and links pinned when this dataplane is dropped, so the
+    /// kernel keeps routing until the next daemon takes over.
+    pub fn keep_pinned(&mut self) {
+        self.keep_pinned = true;
     }
 
     /// Attaches the connect and getpeername programs to a cgroup v2
@@ -280,17 +362,39 @@ impl Dataplane {
             path: cgroup.to_path_buf(),
             source,
         })?;
+        let attach_err = |name, source| DataplaneError::Attach {
+            program: name,
+            cgroup: cgroup.to_path_buf(),
+            source,
+        };
         for name in CONNECT_PROGRAMS {
             // With bpf_link (Linux 5.7+, what aya uses here) cgroup
             // attachments always coexist with other programs; the kernel
             // rejects any flag on link_create, so the mode must be Single.
-            program(&mut self.ebpf, name)?
+            let prog = program(&mut self.ebpf, name)?;
+            let id = prog
                 .attach(&file, CgroupAttachMode::Single)
-                .map_err(|source| DataplaneError::Attach {
-                    program: name,
-                    cgroup: cgroup.to_path_buf(),
-                    source,
-                })?;
+                .map_err(|e| attach_err(name, e))?;
+            let Some(dir) = &self.pin_dir else { continue };
+            let link = prog.take_link(id).map_err(|e| attach_err(name, e))?;
+            let fd_link =
+                aya::programs::links::FdLink::try_from(link).map_err(|e| pin_err(dir, e))?;
+            let path = dir
+                .join("links")
+                .join(format!("{name}@{}", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            self.links
+                .push(fd_link.pin(&path).map_err(|e| pin_err(&path, e))?);
+            // Ours is pinned: retire the links of earlier daemons.
+            remove_links_except(&dir.join("links"), name, &path);
+        }
+        if let Some(dir) = &self.pin_dir {
+            if let Some(parent) = dir.parent() {
+                for retired in retired_dirs(dir, parent) {
+                    let _ = std::fs::remove_dir_all(&retired);
+                    tracing::info!(dir = %retired.display(), "removed pinned state of another ABI version");
+                }
+            }
         }
         self.attached_to = Some(cgroup.to_path_buf());
         Ok(())
@@ -322,6 +426,21 @@ impl Dataplane {
             })
             .collect();
         Ok(self.table.apply(&mut self.maps, &desired)?)
+    }
+
+    /// Makes the set of managed network namespaces exactly `want`.
+    pub fn set_enrolled(
+        &mut self,
+        want: &std::collections::BTreeSet<u64>,
+    ) -> Result<(), DataplaneError> {
+        let have: Vec<u64> = self.manage.keys().filter_map(Result::ok).collect();
+        for c in have.iter().filter(|c| !want.contains(c)) {
+            self.unenroll(*c)?;
+        }
+        for c in want {
+            self.enroll(*c)?;
+        }
+        Ok(())
     }
 
     /// Puts a network namespace (by cookie) under management.
@@ -419,6 +538,43 @@ impl Dataplane {
                 Some((*name, p.info().ok()?.id()))
             })
             .collect()
+    }
+}
+
+/// `<dir>-retired-<pid>` (bpffs refuses names containing a dot): where maps of another ABI version wait until
+/// the new programs are attached.
+fn retired_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("-retired-{}", std::process::id()));
+    dir.with_file_name(name)
+}
+
+fn retired_dirs(dir: &Path, parent: &Path) -> Vec<PathBuf> {
+    let prefix = format!(
+        "{}-retired-",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    );
+    std::fs::read_dir(parent)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes pinned links of `program` other than `keep`; the kernel detaches
+/// each as its last reference (the pin) goes.
+fn remove_links_except(links: &Path, program: &str, keep: &Path) {
+    let prefix = format!("{program}@");
+    let Ok(rd) = std::fs::read_dir(links) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) && e.path() != keep {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 

@@ -62,9 +62,22 @@ struct RunArgs {
     #[arg(long, env = "KMESH_BPF_FS_PATH", default_value = "/sys/fs/bpf")]
     bpf_fs_path: PathBuf,
 
+    /// What SIGTERM leaves behind: `detach` removes programs and pins;
+    /// `keep` leaves programs attached and maps pinned, so the kernel keeps
+    /// routing until the next daemon takes over (restarts and upgrades
+    /// without traffic loss; `kmesh-daemon uninstall` removes it all).
+    #[arg(long, value_enum, env = "KMESH_ON_EXIT", default_value = "detach")]
+    on_exit: OnExit,
+
     /// Admin API address.
     #[arg(long, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15200")]
     admin_addr: SocketAddr,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnExit {
+    Detach,
+    Keep,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,13 +159,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(path = %args.bpf_fs_path.display(), "mounted bpffs");
     }
     let pins = pin_dir(&args.bpf_fs_path);
-    if pins.exists() {
-        bail!(
-            "{} already exists: another kmesh-daemon is running, or one stopped without cleaning up; if none is running, remove it with `kmesh-daemon uninstall --bpf-fs-path {}`",
-            pins.display(),
-            args.bpf_fs_path.display()
-        );
-    }
 
     let state = AdminState::new();
     let admin = tokio::spawn(admin::serve(args.admin_addr, state.clone()));
@@ -160,15 +166,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut dp = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(pins.clone()),
     })?;
+    tracing::info!(state = ?dp.pinned_state(), pins = %pins.display(), "maps loaded");
     let summary = dp.apply(&flat)?;
     tracing::info!(
-        services = summary.added,
-        slots = summary.slots_written,
+        added = summary.added,
+        changed = summary.changed,
+        removed = summary.removed,
+        unchanged = summary.unchanged,
+        slots_written = summary.slots_written,
         "config {} written to the kernel",
         config_path.display()
     );
+    dp.set_enrolled(&cookies.iter().map(|(_, c)| *c).collect())?;
     for (path, cookie) in &cookies {
-        dp.enroll(*cookie)?;
         tracing::info!(netns = %path.display(), cookie, "enrolled");
     }
     dp.attach(&cgroup)?;
@@ -180,21 +190,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: detaching"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
         r = admin => {
             r.context("admin task")??;
         }
     }
     state.ready.store(false, Ordering::Release);
-    // Dropping the dataplane detaches the programs and removes the pins.
-    drop(
-        state
-            .dataplane
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(),
-    );
+    let dp = state
+        .dataplane
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(mut dp) = dp {
+        if args.on_exit == OnExit::Keep {
+            dp.keep_pinned();
+            tracing::info!(pins = %pins.display(), "programs left attached and maps pinned for the next daemon");
+            return Ok(());
+        }
+        // Dropping the dataplane detaches the programs and removes the pins.
+        drop(dp);
+    }
     tracing::info!("detached and unpinned; bye");
     Ok(())
 }

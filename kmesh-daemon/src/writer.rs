@@ -93,6 +93,30 @@ impl ServiceTable {
         Self::default()
     }
 
+    /// Rebuilds the picture from what the kernel maps hold (a restarted
+    /// daemon reusing pinned maps). Ids not in use become free.
+    pub fn from_installed(
+        entries: impl IntoIterator<Item = (SockAddr, ServiceValue, Vec<SockAddr>)>,
+    ) -> Self {
+        let installed: BTreeMap<SockAddr, Installed> = entries
+            .into_iter()
+            .map(|(vip, value, slots)| (vip, Installed { value, slots }))
+            .collect();
+        let next_id = installed
+            .values()
+            .map(|i| i.value.service_id + 1)
+            .max()
+            .unwrap_or(0);
+        let used: std::collections::BTreeSet<u32> =
+            installed.values().map(|i| i.value.service_id).collect();
+        let free_ids = (0..next_id).rev().filter(|id| !used.contains(id)).collect();
+        ServiceTable {
+            installed,
+            free_ids,
+            next_id,
+        }
+    }
+
     /// Number of services installed.
     pub fn len(&self) -> usize {
         self.installed.len()

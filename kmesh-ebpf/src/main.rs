@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
     EbpfContext,
 };
@@ -48,6 +48,11 @@ static KM_RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 /// entry of a closed socket is reclaimed under pressure.
 #[map]
 static KM_ORIGDST: LruHashMap<u64, SockAddr> = LruHashMap::with_max_entries(MAX_ORIG_DST, 0);
+
+/// ABI marker: index 0 holds the `kmesh_abi::ABI_VERSION` the pinned maps
+/// were created with, so a restarted daemon knows whether it may reuse them.
+#[map]
+static KM_ABI: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-CPU counters, indexes in `kmesh_abi::stats`.
 #[map]

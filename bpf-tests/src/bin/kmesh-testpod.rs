@@ -6,6 +6,8 @@
 //! - `connect ADDR COUNT`: COUNT sequential connections to ADDR; prints
 //!   one JSON line `{"backends":{name:count},"errors":n,"peer_mismatch":n,"error_kinds":{..}}`.
 //!   `peer_mismatch` counts connections whose getpeername() was not ADDR.
+//! - `loop ADDR MILLIS`: sequential connections to ADDR for MILLIS
+//!   milliseconds; prints the same JSON line as `connect`.
 //! - `hold ADDR COUNT`: opens COUNT connections, prints their backends as a
 //!   JSON line, then for every line `check` on stdin sends a probe on each
 //!   connection and prints how many echoed it back; ends on EOF.
@@ -34,9 +36,13 @@ fn main() {
     }
     match args.first().map(String::as_str) {
         Some("serve") if args.len() >= 3 => serve(&args[1], &args[2..]),
-        Some("connect") if args.len() == 3 => connect(parse_addr(&args[1]), parse_count(&args[2])),
+        Some("connect") if args.len() == 3 => connect(parse_addr(&args[1]), parse_count(&args[2]), None),
         Some("hold") if args.len() == 3 => hold(parse_addr(&args[1]), parse_count(&args[2])),
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | hold ADDR N"),
+        Some("loop") if args.len() == 3 => {
+            let until = std::time::Instant::now() + Duration::from_millis(parse_count(&args[2]) as u64);
+            connect(parse_addr(&args[1]), usize::MAX, Some(until))
+        }
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | hold ADDR N"),
     }
 }
 
@@ -121,11 +127,14 @@ fn dial(addr: SocketAddr) -> std::io::Result<(String, bool, BufReader<TcpStream>
     Ok((line.trim().to_string(), peer_ok, r))
 }
 
-fn connect(addr: SocketAddr, count: usize) {
+fn connect(addr: SocketAddr, count: usize, until: Option<std::time::Instant>) {
     let mut backends: BTreeMap<String, usize> = BTreeMap::new();
     let mut error_kinds: BTreeMap<String, usize> = BTreeMap::new();
     let (mut errors, mut peer_mismatch) = (0, 0);
     for _ in 0..count {
+        if until.is_some_and(|t| std::time::Instant::now() >= t) {
+            break;
+        }
         match dial(addr) {
             Ok((name, peer_ok, _)) => {
                 *backends.entry(name).or_default() += 1;

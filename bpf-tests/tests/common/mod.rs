@@ -3,7 +3,13 @@
 //! documents in the Envoy bootstrap format users write.
 #![allow(dead_code)]
 
-use std::{fmt::Write as _, net::SocketAddr, path::PathBuf};
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
 
 use bpf_tests::{Node, Pod};
 use kmesh_daemon::dataplane::{Dataplane, DataplaneOptions};
@@ -136,4 +142,113 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// A private bpffs mount (`.0`) and a config file path (`.1`), both
+/// removed on drop.
+pub struct Bpffs(pub PathBuf, pub PathBuf);
+
+impl Bpffs {
+    pub fn new(tag: &str) -> Bpffs {
+        let base = std::env::temp_dir().join(format!("kmt-{}-{tag}", std::process::id()));
+        let dir = base.with_extension("bpffs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount bpffs at {}", dir.display());
+        Bpffs(dir, base.with_extension("yaml"))
+    }
+
+    pub fn write_config(&self, text: &str) -> &Path {
+        std::fs::write(&self.1, text).unwrap();
+        &self.1
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        // Pinned links left by a test that failed are removed with the mount.
+        let _ = std::fs::remove_dir_all(self.0.join("kmesh"));
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `kmesh-daemon` binary; SIGKILLed on drop if still running.
+pub struct Daemon {
+    pub child: Child,
+    pub admin: SocketAddr,
+}
+
+impl Daemon {
+    /// Starts the daemon on `config`, enrolling `client`, attached to
+    /// `cgroup`, pinning under `bpffs`, and waits until it is ready.
+    pub fn start(
+        config: &Path,
+        client: &Pod,
+        cgroup: &Path,
+        bpffs: &Path,
+        extra: &[&str],
+    ) -> Daemon {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Command::new(workspace_bin("kmesh-daemon"))
+            .arg("--config")
+            .arg(config)
+            .arg("--enroll-netns")
+            .arg(&client.netns_path)
+            .arg("--cgroup2-path")
+            .arg(cgroup)
+            .arg("--bpf-fs-path")
+            .arg(bpffs)
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .args(extra)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon { child, admin };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while bpf_tests::http_get(admin, "/debug/ready").map(|r| r.0) != Some(200) {
+            assert!(d.child.try_wait().unwrap().is_none(), "daemon exited early");
+            assert!(Instant::now() < deadline, "daemon not ready in 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d.child.try_wait().unwrap();
+        d
+    }
+
+    /// Sends `sig` and waits (10 s at most) for the daemon to exit.
+    pub fn signal(&mut self, sig: i32) -> ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored signal {sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -1,0 +1,135 @@
+//! Restarts and upgrades without traffic loss: the kernel keeps routing
+//! from pinned programs and maps while no daemon runs (needs root).
+
+mod common;
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use common::{bootstrap, workspace_bin, Bpffs, ClusterSpec, Daemon, ListenerSpec, TESTPOD};
+
+fn mesh_config(endpoints: Vec<(SocketAddr, u32)>) -> String {
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    bootstrap(
+        &[ListenerSpec {
+            name: "web",
+            vip,
+            clusters: vec![("web", 1)],
+        }],
+        &[ClusterSpec {
+            name: "web",
+            lb: "ROUND_ROBIN",
+            endpoints,
+        }],
+    )
+}
+
+#[test]
+fn kill_9_restart_and_upgrade_lose_no_connect() {
+    bpf_tests::require_root();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let mut node = bpf_tests::Node::new("kmt", Path::new(TESTPOD)).unwrap();
+    let client = node.add_pod("client").unwrap();
+    let srv0 = node.add_pod("srv0").unwrap();
+    let srv1 = node.add_pod("srv1").unwrap();
+    node.serve(&srv0, "srv0", &[srv0.addr4(8080)]).unwrap();
+    node.serve(&srv1, "srv1", &[srv1.addr4(8080)]).unwrap();
+    // A connect that escapes the programs reaches the node, and counts as lost.
+    node.serve_on_node("node", &[vip]).unwrap();
+    let bpffs = Bpffs::new("restart");
+    let keep = ["--on-exit", "keep"];
+    let both = mesh_config(vec![(srv0.addr4(8080), 1), (srv1.addr4(8080), 1)]);
+
+    let cfg = bpffs.write_config(&both);
+    let mut d1 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &keep);
+    let traffic = node.start_loop(&client, vip, 4_000).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // kill -9: nothing runs in userspace, the kernel keeps routing.
+    let s = d1.signal(libc::SIGKILL);
+    assert!(!s.success());
+    std::thread::sleep(Duration::from_millis(500));
+    // Restart on the same config: maps reused, nothing to write.
+    let mut d2 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &keep);
+    let (_, body) = bpf_tests::http_get(d2.admin, "/debug/config_dump/bpf/kernel-native").unwrap();
+    assert!(body.contains("10.96.0.10:80"), "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Upgrade with a config change: SIGTERM keeping state, new daemon on
+    // the new config (srv0 drained).
+    assert!(d2.signal(libc::SIGTERM).success());
+    let cfg = bpffs.write_config(&mesh_config(vec![(srv1.addr4(8080), 1)]));
+    let d3 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &keep);
+
+    let r = traffic.finish().unwrap();
+    assert_eq!(r.errors, 0, "failed connects across restart/upgrade: {r:?}");
+    assert_eq!(r.count("node"), 0, "connects escaped the programs: {r:?}");
+    assert!(r.total() > 50, "too few connects to mean anything: {r:?}");
+    // Routing is right after the upgrade.
+    let after = node.connect(&client, vip, 20).unwrap();
+    assert_eq!((after.count("srv1"), after.errors), (20, 0), "{after:?}");
+    // Exactly one generation of links is left.
+    let links = std::fs::read_dir(bpffs.0.join("kmesh/links"))
+        .unwrap()
+        .count();
+    assert_eq!(links, kmesh_daemon::dataplane::CONNECT_PROGRAMS.len());
+    drop(d3);
+
+    // With every daemon gone, uninstall removes programs and pins.
+    let out = std::process::Command::new(workspace_bin("kmesh-daemon"))
+        .arg("uninstall")
+        .arg("--bpf-fs-path")
+        .arg(&bpffs.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!bpffs.0.join("kmesh").exists());
+    let r = node.connect(&client, vip, 3).unwrap();
+    assert_eq!(
+        r.count("node"),
+        3,
+        "programs still attached after uninstall: {r:?}"
+    );
+}
+
+#[test]
+fn maps_of_another_abi_version_are_replaced_without_loss() {
+    bpf_tests::require_root();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let mut node = bpf_tests::Node::new("kmt", Path::new(TESTPOD)).unwrap();
+    let client = node.add_pod("client").unwrap();
+    let srv0 = node.add_pod("srv0").unwrap();
+    node.serve(&srv0, "srv0", &[srv0.addr4(8080)]).unwrap();
+    node.serve_on_node("node", &[vip]).unwrap();
+    let bpffs = Bpffs::new("abi");
+    let cfg = bpffs.write_config(&mesh_config(vec![(srv0.addr4(8080), 1)]));
+    let keep = ["--on-exit", "keep"];
+    let mut d1 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &keep);
+    assert!(d1.signal(libc::SIGTERM).success());
+
+    // Pretend the pinned maps were made by another layout version.
+    let marker = bpffs.0.join("kmesh/KM_ABI");
+    let data = aya::maps::MapData::from_pin(&marker).unwrap();
+    let mut abi = aya::maps::Array::<_, u32>::try_from(aya::maps::Map::Array(data)).unwrap();
+    abi.set(0, 999, 0).unwrap();
+
+    let traffic = node.start_loop(&client, vip, 1_500).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _d2 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &keep);
+    let r = traffic.finish().unwrap();
+    assert_eq!((r.errors, r.count("node")), (0, 0), "{r:?}");
+    // The old generation is gone, the new one has the current version.
+    let leftovers: Vec<_> = std::fs::read_dir(&bpffs.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("retired"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let data = aya::maps::MapData::from_pin(&marker).unwrap();
+    let abi = aya::maps::Array::<_, u32>::try_from(aya::maps::Map::Array(data)).unwrap();
+    assert_eq!(abi.get(&0, 0).unwrap(), kmesh_abi::ABI_VERSION);
+}
