@@ -215,3 +215,42 @@ fn removed_service_is_no_longer_routed() {
     );
     assert!(m.dp.dump().unwrap().services.is_empty());
 }
+
+#[test]
+fn pod_found_by_uid_in_host_proc_is_enrolled_and_routed() {
+    // A pod whose cgroup is named as the kubelet names it (`pod<uid>`): the
+    // locator finds a process of it in /proc, its netns cookie is the
+    // pod's, and enrolling that cookie makes the pod's connects routed.
+    use kmesh_daemon::enroll::kubernetes::{HostResolver, NetnsResolver};
+    let uid = format!("{:08x}-1111-2222-3333-444455556666", std::process::id());
+    let mut m = mesh(1, &[sa(VIP)]);
+    let eps = vec![(m.servers[0].addr4(8080), 1)];
+    m.dp.apply(&compile(&one_service(sa(VIP), "ROUND_ROBIN", eps)))
+        .unwrap();
+    let pod = m.node.add_pod(&format!("pod{uid}")).unwrap();
+    m.node.serve(&pod, "app", &[pod.addr4(8080)]).unwrap();
+
+    let mut resolver = HostResolver::new("/proc".into());
+    assert!(resolver
+        .cookie("00000000-0000-0000-0000-000000000000")
+        .is_none());
+    let found = resolver
+        .cookie(&uid)
+        .expect("pod process not found in /proc");
+    assert_eq!(
+        found,
+        kmesh_daemon::netns::cookie_of(&pod.netns_path).unwrap()
+    );
+
+    assert_eq!(
+        m.node.connect(&pod, sa(VIP), 3).unwrap().count("node"),
+        3,
+        "not enrolled yet"
+    );
+    m.dp.enroll(found).unwrap();
+    assert_eq!(
+        m.node.connect(&pod, sa(VIP), 3).unwrap().count("srv0"),
+        3,
+        "enrolled by located cookie"
+    );
+}

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod dataplane;
+pub mod enroll;
 pub mod netns;
 pub mod sys;
 pub mod writer;

@@ -12,8 +12,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kmesh_daemon::{
     admin::{self, AdminState},
     dataplane::{Dataplane, DataplaneOptions},
+    enroll::kubernetes::{self, HostResolver},
     netns, sys,
 };
+use std::collections::BTreeSet;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +32,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Exit 0 when the local daemon reports ready (GET /debug/ready), 1
+    /// otherwise; for Kubernetes readiness probes.
+    Probe {
+        #[arg(long, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15200")]
+        admin_addr: SocketAddr,
+    },
     /// Remove everything kmesh-daemon pinned under --bpf-fs-path.
     Uninstall {
         #[arg(long, env = "KMESH_BPF_FS_PATH", default_value = "/sys/fs/bpf")]
@@ -61,6 +69,19 @@ struct RunArgs {
     /// bpffs mount; maps are pinned under <bpf-fs-path>/kmesh.
     #[arg(long, env = "KMESH_BPF_FS_PATH", default_value = "/sys/fs/bpf")]
     bpf_fs_path: PathBuf,
+
+    /// Enroll the pods of this node from Kubernetes (namespace or pod label
+    /// `istio.io/dataplane-mode=Kmesh`), using the in-cluster API config.
+    #[arg(long, env = "KMESH_KUBERNETES")]
+    kubernetes: bool,
+
+    /// This node's name (pods are watched with spec.nodeName=<name>).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+
+    /// Where the host's /proc is mounted (to find pod network namespaces).
+    #[arg(long, env = "KMESH_HOST_PROC", default_value = "/proc")]
+    host_proc: PathBuf,
 
     /// What SIGTERM leaves behind: `detach` removes programs and pins;
     /// `keep` leaves programs attached and maps pinned, so the kernel keeps
@@ -98,6 +119,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Uninstall { bpf_fs_path }) => uninstall(&bpf_fs_path),
+        Some(Command::Probe { admin_addr }) => probe(admin_addr),
         None => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -114,8 +136,38 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes the Kubernetes-derived enrolled set into the running dataplane.
+struct DataplaneSink(std::sync::Arc<AdminState>);
+
+impl kubernetes::EnrollSink for DataplaneSink {
+    fn set_enrolled(&mut self, cookies: &BTreeSet<u64>) -> Result<(), String> {
+        let mut dp = self.0.dataplane.lock().unwrap_or_else(|p| p.into_inner());
+        match dp.as_mut() {
+            Some(dp) => dp.set_enrolled(cookies).map_err(|e| e.to_string()),
+            None => Err("dataplane not loaded".into()),
+        }
+    }
+}
+
 fn pin_dir(bpf_fs_path: &Path) -> PathBuf {
     bpf_fs_path.join("kmesh")
+}
+
+fn probe(admin: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(1))
+        .with_context(|| format!("admin API {admin} unreachable"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET /debug/ready HTTP/1.1\r\nHost: kmesh\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    match resp.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        code => bail!("not ready (HTTP {})", code.unwrap_or("?")),
+    }
 }
 
 fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
@@ -144,6 +196,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!("config: {w}");
     }
 
+    sys::check_kernel()?;
     let cgroup = match &args.cgroup2_path {
         Some(p) => p.clone(),
         None => sys::cgroup2_mount()?,
@@ -177,7 +230,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "config {} written to the kernel",
         config_path.display()
     );
-    dp.set_enrolled(&cookies.iter().map(|(_, c)| *c).collect())?;
+    let static_cookies: BTreeSet<u64> = cookies.iter().map(|(_, c)| *c).collect();
+    if args.kubernetes {
+        // The Kubernetes reconciler owns the full set; until its first
+        // reconcile, enrollments inherited from pinned maps stay.
+        for c in &static_cookies {
+            dp.enroll(*c)?;
+        }
+    } else {
+        dp.set_enrolled(&static_cookies)?;
+    }
     for (path, cookie) in &cookies {
         tracing::info!(netns = %path.display(), cookie, "enrolled");
     }
@@ -187,6 +249,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     *state.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(dp);
     state.ready.store(true, Ordering::Release);
     tracing::info!("ready");
+    if args.kubernetes {
+        let node = args.node_name.clone().context(
+            "--kubernetes needs the node name: set NODE_NAME (from spec.nodeName) or --node-name",
+        )?;
+        let client = kube::Client::try_default()
+            .await
+            .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
+        let sink = DataplaneSink(state.clone());
+        let resolver = HostResolver::new(args.host_proc.clone());
+        tracing::info!(node, "enrolling pods from Kubernetes");
+        tokio::spawn(async move {
+            kubernetes::run(
+                client,
+                &node,
+                sink,
+                resolver,
+                static_cookies,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+        });
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

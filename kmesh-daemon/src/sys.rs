@@ -121,3 +121,43 @@ mod tests {
         );
     }
 }
+
+/// The oldest kernel the daemon runs on, and why.
+pub const MIN_KERNEL: (u32, u32) = (5, 14);
+
+/// Fails with the missing feature named when the running kernel is older
+/// than [`MIN_KERNEL`].
+pub fn check_kernel() -> io::Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    match parse_release(&release) {
+        Some(v) if v < MIN_KERNEL => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "kernel {} is too old: kmesh-daemon needs Linux {}.{}+ (SO_NETNS_COOKIE 5.14 for enrollment, bpf_get_netns_cookie in cgroup sock_addr programs 5.7, cgroup bpf_link 5.7)",
+                release.trim(),
+                MIN_KERNEL.0,
+                MIN_KERNEL.1
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `major.minor` of a kernel release string such as `6.18.44-fc-v669`.
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+
+    #[test]
+    fn parses_releases() {
+        assert_eq!(parse_release("6.18.44-fc-v669\n"), Some((6, 18)));
+        assert_eq!(parse_release("5.4.0-150-generic"), Some((5, 4)));
+        assert!(parse_release("5.4.0").unwrap() < MIN_KERNEL);
+        assert_eq!(parse_release("garbage"), None);
+    }
+}

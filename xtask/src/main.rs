@@ -114,8 +114,48 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    validate_manifests()?;
     step("unit tests, then kernel tests (bpf-tests: real sockets in network namespaces)");
     run_cmd(cargo().args(["test", "--locked", "--workspace"]))?;
     eprintln!("\nall tests passed");
+    Ok(())
+}
+
+/// Validates `deploy/*.yaml` offline against the Kubernetes schema (strict:
+/// unknown fields fail), after checking on a broken copy that the validator
+/// really rejects what it should.
+fn validate_manifests() -> anyhow::Result<()> {
+    step("validating Kubernetes manifests (kubernetes-validate --strict)");
+    let validator = setup::ensure_venv_tool("kubernetes-validate==1.37.0", "kubernetes-validate")?;
+    let manifests: Vec<PathBuf> = std::fs::read_dir(root().join("deploy"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    anyhow::ensure!(!manifests.is_empty(), "no manifests in deploy/");
+    run_cmd(
+        Command::new(&validator)
+            .args(["--strict", "--quiet"])
+            .args(&manifests),
+    )?;
+    let broken = std::env::temp_dir().join(format!("kmesh-broken-{}.yaml", std::process::id()));
+    let text = std::fs::read_to_string(root().join("deploy/kmesh.yaml"))?;
+    std::fs::write(
+        &broken,
+        text.replacen("priorityClassName:", "priorityClassNmae:", 1),
+    )?;
+    let out = Command::new(&validator)
+        .args(["--strict", "--quiet"])
+        .arg(&broken)
+        .output()?;
+    let _ = std::fs::remove_file(&broken);
+    anyhow::ensure!(
+        !out.status.success(),
+        "kubernetes-validate accepted a manifest with an unknown field: the check is not checking"
+    );
+    eprintln!(
+        "    {} manifest file(s) valid; a broken copy was rejected",
+        manifests.len()
+    );
     Ok(())
 }

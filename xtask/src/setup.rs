@@ -179,3 +179,25 @@ pub fn ensure_envoy() -> anyhow::Result<std::path::PathBuf> {
     )?;
     Ok(envoy)
 }
+
+/// Returns the path of `bin`, installed by the PyPI package `spec` into the
+/// venv under `target/venv` when missing.
+pub fn ensure_venv_tool(spec: &str, bin: &str) -> anyhow::Result<std::path::PathBuf> {
+    let venv = crate::root().join("target/venv");
+    let path = venv.join("bin").join(bin);
+    if path.exists() {
+        eprintln!("    {bin}: present ({})", path.display());
+        return Ok(path);
+    }
+    eprintln!("    {bin}: installing PyPI {spec} into {}", venv.display());
+    if !venv.join("bin/pip").exists() {
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("creating a Python venv (Debian: apt-get install python3-venv)")?;
+    }
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(spec),
+    )?;
+    Ok(path)
+}
