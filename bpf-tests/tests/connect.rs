@@ -5,27 +5,12 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{bootstrap, compile, mesh, ncpu, ClusterSpec, ListenerSpec};
+use common::{bootstrap, compile, mesh, ncpu, one_service, ClusterSpec, ListenerSpec};
 
 const VIP: &str = "10.96.0.10:80";
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn one_service(vip: SocketAddr, lb: &str, endpoints: Vec<(SocketAddr, u32)>) -> String {
-    bootstrap(
-        &[ListenerSpec {
-            name: "web",
-            vip,
-            clusters: vec![("web", 1)],
-        }],
-        &[ClusterSpec {
-            name: "web",
-            lb,
-            endpoints,
-        }],
-    )
 }
 
 #[test]

