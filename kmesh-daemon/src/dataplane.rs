@@ -15,8 +15,8 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr},
-    Ebpf,
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
 };
 use kmesh_abi::{stats, ServiceValue, SlotKey, SockAddr, LB_RANDOM};
 use xds_adapter::FlatConfig;
@@ -35,6 +35,9 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
     "kmesh_getpeername4",
     "kmesh_getpeername6",
 ];
+
+/// The connection-tracking `sockops` program (see `kmesh-ebpf/src/sockops.rs`).
+pub const SOCKOPS_PROGRAM: &str = "kmesh_sockops";
 
 /// Names of the maps, as bpftool shows them.
 pub const MAPS: [&str; 6] = [
@@ -89,6 +92,9 @@ pub enum DataplaneError {
 #[derive(Debug, Clone, Default)]
 pub struct DataplaneOptions {
     pub pin_dir: Option<PathBuf>,
+    /// Size of the connection-event ring buffer in bytes (a power-of-two
+    /// multiple of the page size); `None` = `kmesh_abi::EVENT_RING_BYTES`.
+    pub event_ring_bytes: Option<u32>,
 }
 
 /// The loaded kernel side.
@@ -230,7 +236,11 @@ impl Dataplane {
     /// Loads programs and maps into the kernel (nothing attached yet, so
     /// no socket is affected until [`Dataplane::attach`]).
     pub fn load(opts: &DataplaneOptions) -> Result<Self, DataplaneError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        if let Some(bytes) = opts.event_ring_bytes {
+            loader.map_max_entries("KM_EVENTS", bytes);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in CONNECT_PROGRAMS {
             program(&mut ebpf, name)?
                 .load()
@@ -239,6 +249,12 @@ impl Dataplane {
                     source,
                 })?;
         }
+        sockops_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                program: SOCKOPS_PROGRAM,
+                source,
+            })?;
         let mut pins = Pins::default();
         let pin_dir = opts.pin_dir.as_deref();
         if let Some(dir) = pin_dir {
@@ -292,8 +308,30 @@ impl Dataplane {
                     source,
                 })?;
         }
+        sockops_program(&mut self.ebpf)?
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(|source| DataplaneError::Attach {
+                program: SOCKOPS_PROGRAM,
+                cgroup: cgroup.to_path_buf(),
+                source,
+            })?;
         self.attached_to = Some(cgroup.to_path_buf());
         Ok(())
+    }
+
+    /// Hands a map still held by the loaded object over to its user (the
+    /// telemetry reader takes `KM_EVENTS`, `KM_TELEMETRY`, `KM_TELEMETRY_CFG`
+    /// and `KM_CONN`); `None` if it is not there or already taken.
+    pub fn take_map(&mut self, name: &str) -> Option<Map> {
+        self.ebpf.take_map(name)
+    }
+
+    /// Kernel ids of every loaded program of the object, by name.
+    pub fn all_program_ids(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_string(), p.info().ok()?.id())))
+            .collect()
     }
 
     /// The cgroup the programs are attached to, if any.
@@ -420,6 +458,19 @@ impl Dataplane {
             })
             .collect()
     }
+}
+
+fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, DataplaneError> {
+    ebpf.program_mut(SOCKOPS_PROGRAM)
+        .ok_or(DataplaneError::Map {
+            map: SOCKOPS_PROGRAM,
+            detail: "program not in the object".into(),
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: SOCKOPS_PROGRAM,
+            source,
+        })
 }
 
 fn program<'a>(

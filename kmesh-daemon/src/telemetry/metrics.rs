@@ -1,0 +1,222 @@
+//! Istio-standard TCP metrics and the Prometheus text exposition format
+//! (version 0.0.4) writer.
+//!
+//! Counters are kept per distinct label set; a label set is made of
+//! config-level names (services, clusters), never of addresses or ports,
+//! so the number of series is bounded by the config, not by traffic.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use super::{
+    event::{Connection, Direction, Kind},
+    identity::{Identity, UNKNOWN},
+};
+
+/// Istio's standard TCP metric labels, in Istio's order.
+pub const ISTIO_LABELS: [&str; 23] = [
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Values of [`ISTIO_LABELS`], same order.
+pub type LabelValues = [String; 23];
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TcpCounters {
+    pub opened: u64,
+    pub closed: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+}
+
+/// The Istio TCP metrics, per label set.
+#[derive(Debug, Default)]
+pub struct TcpMetrics {
+    series: BTreeMap<LabelValues, TcpCounters>,
+}
+
+/// Istio's labels for a connection, as the reporting side sees it.
+pub fn istio_labels(c: &Connection, id: &Identity) -> LabelValues {
+    let svc = match (c.direction, c.orig_dst) {
+        (Direction::Outbound, Some(vip)) => id.outbound(vip, c.remote),
+        (Direction::Outbound, None) => None,
+        (Direction::Inbound, _) => id.inbound(c.local),
+    };
+    let u = || UNKNOWN.to_string();
+    let (service, name, namespace) = match &svc {
+        Some(s) => (
+            s.service.clone(),
+            s.service_name.clone(),
+            s.service_namespace.clone(),
+        ),
+        // Not a mesh service: Istio reports the address it went to.
+        None => (c.src_dst().1.ip().to_string(), u(), u()),
+    };
+    let (reporter, security) = match c.direction {
+        // No mTLS in this dataplane: the destination sees plaintext; the
+        // source cannot know what the peer enforces.
+        Direction::Outbound => ("source", UNKNOWN),
+        Direction::Inbound => ("destination", "none"),
+    };
+    [
+        reporter.into(),
+        u(), // source_workload: needs the Kubernetes workload model
+        u(),
+        "latest".into(), // Istio's default canonical revision
+        u(),
+        u(), // source_principal: no mTLS identities
+        u(),
+        u(),
+        u(),
+        u(), // destination_workload
+        u(),
+        u(),
+        u(),
+        u(),
+        service,
+        name,
+        namespace,
+        u(),
+        "latest".into(),
+        u(),
+        "tcp".into(),
+        "-".into(),
+        security.into(),
+    ]
+}
+
+impl TcpMetrics {
+    pub fn record(&mut self, c: &Connection, id: &Identity) {
+        let e = self.series.entry(istio_labels(c, id)).or_default();
+        match c.kind {
+            Kind::Open => e.opened += 1,
+            Kind::Close => {
+                e.closed += 1;
+                e.sent_bytes += c.bytes_sent;
+                e.received_bytes += c.bytes_received;
+            }
+        }
+    }
+
+    pub fn series(&self) -> impl Iterator<Item = (&LabelValues, &TcpCounters)> {
+        self.series.iter()
+    }
+
+    /// Writes the four Istio TCP metric families. Byte counters are the
+    /// sending/receiving side's totals of closed connections (they move at
+    /// close, not while a connection is open).
+    pub fn render(&self, out: &mut String) {
+        type Get = fn(&TcpCounters) -> u64;
+        let families: [(&str, &str, Get); 4] = [
+            (
+                "istio_tcp_connections_opened_total",
+                "Total number of TCP connections opened.",
+                |c| c.opened,
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "Total number of TCP connections closed.",
+                |c| c.closed,
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "Total bytes sent by the reporting side of closed TCP connections.",
+                |c| c.sent_bytes,
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "Total bytes received by the reporting side of closed TCP connections.",
+                |c| c.received_bytes,
+            ),
+        ];
+        for (name, help, get) in families {
+            header(out, name, help, "counter");
+            for (labels, c) in &self.series {
+                let pairs: Vec<(&str, &str)> = ISTIO_LABELS
+                    .iter()
+                    .copied()
+                    .zip(labels.iter().map(String::as_str))
+                    .collect();
+                sample(out, name, &pairs, get(c) as f64);
+            }
+        }
+    }
+}
+
+/// `# HELP` and `# TYPE` lines.
+pub fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// One sample line.
+pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"{}\"", escape_label(v));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {}", fmt_value(value));
+}
+
+fn fmt_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+fn escape_help(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_escapes_and_formats() {
+        let mut s = String::new();
+        header(&mut s, "m_total", "a\nb", "counter");
+        sample(&mut s, "m_total", &[("a", "x\"y\\z")], 3.0);
+        sample(&mut s, "m_seconds_total", &[], 0.25);
+        assert_eq!(
+            s,
+            "# HELP m_total a\\nb\n# TYPE m_total counter\nm_total{a=\"x\\\"y\\\\z\"} 3\nm_seconds_total 0.25\n"
+        );
+    }
+}
