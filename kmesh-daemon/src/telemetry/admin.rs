@@ -39,18 +39,13 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
     (code, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-fn parse_enable(q: &Enable, path: &str) -> Result<bool, Response> {
+/// `enable=true|false`, or the message of a 400 answer.
+fn parse_enable(q: &Enable, path: &str) -> Result<bool, String> {
     match q.enable.as_deref() {
         Some("true") => Ok(true),
         Some("false") => Ok(false),
-        Some(v) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("{path}: enable={v:?} is not true or false"),
-        )),
-        None => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("{path}: missing query parameter enable=true|false"),
-        )),
+        Some(v) => Err(format!("{path}: enable={v:?} is not true or false")),
+        None => Err(format!("{path}: missing query parameter enable=true|false")),
     }
 }
 
@@ -76,7 +71,7 @@ async fn accesslog_get(State(s): State<Arc<AdminState>>) -> Response {
 async fn accesslog_set(State(s): State<Arc<AdminState>>, Query(q): Query<Enable>) -> Response {
     let on = match parse_enable(&q, "/accesslog") {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
     let Some(t) = s.telemetry.get() else {
         return not_running();
@@ -102,7 +97,7 @@ async fn monitoring_get(State(s): State<Arc<AdminState>>) -> Response {
 async fn monitoring_set(State(s): State<Arc<AdminState>>, Query(q): Query<Enable>) -> Response {
     let on = match parse_enable(&q, "/monitoring") {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
     let Some(t) = s.telemetry.get() else {
         return not_running();
