@@ -243,21 +243,41 @@ fn json_access_log_and_state_cleaned_up_under_churn() {
         .node
         .connect(&m.client, VIP.parse().unwrap(), 500)
         .unwrap();
-    assert_eq!(r.errors, 0, "{r:?}");
-    wait_for("500 closes", || {
-        t.kernel_counters().unwrap().conn_closed == 500
+    // On a loaded machine a client may time out (3 s) reading a backend's
+    // name; such a connection was still established and closed, and is
+    // accounted like the others.
+    assert!(r.errors <= 5, "{r:?}");
+    let opened = t.kernel_counters().unwrap().conn_opened;
+    assert!(opened >= 510 - r.errors as u64, "{opened} opened: {r:?}");
+    wait_for("every short connection closed", || {
+        t.kernel_counters().unwrap().conn_closed == opened - 10
     });
     assert_eq!(conn_entries(&t), 10, "only the held connections keep state");
     drop(held);
     wait_for("KM_CONN empty after the held connections close", || {
         conn_entries(&t) == 0
     });
-    wait_for("510 log lines", || lines.lines().len() == 510);
-    let first: serde_json::Value = serde_json::from_str(&lines.lines()[0]).unwrap();
-    assert_eq!(first["direction"], "OUTBOUND");
-    assert_eq!(first["dst.service"], "web.shop.svc.cluster.local");
-    assert_eq!(first["received_bytes"], 5, "{first}");
-    assert_eq!(first["sent_bytes"], 0, "{first}");
+    wait_for("one log line per connection", || {
+        lines.lines().len() as u64 == opened
+    });
+    let entries: Vec<serde_json::Value> = lines
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(entries.iter().all(|e| e["direction"] == "OUTBOUND"
+        && e["dst.service"] == "web.shop.svc.cluster.local"
+        && e["sent_bytes"].is_u64()));
+    // A `connect` client reads the backend's name ("srvN\n") and sends nothing.
+    let name_only = entries
+        .iter()
+        .filter(|e| e["received_bytes"] == 5 && e["sent_bytes"] == 0)
+        .count();
+    assert!(
+        name_only >= 500 - r.errors,
+        "{name_only} of {}",
+        entries.len()
+    );
     drop(rt);
 }
 

@@ -160,7 +160,14 @@ fn talk(addr: SocketAddr, count: usize, bytes: usize) {
     let payload: Vec<u8> = (0..bytes).map(|i| b'a' + (i % 26) as u8).collect();
     for _ in 0..count {
         let one = || -> std::io::Result<(String, usize, usize)> {
-            let (name, _, mut r) = dial(addr)?;
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            // Generous: byte counts are compared exactly, so a client that
+            // gave up on a slow (loaded) server would skew them.
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            let mut r = BufReader::new(s);
+            let mut name = String::new();
+            r.read_line(&mut name)?;
+            let name = name.trim().to_string();
             r.get_mut().write_all(&payload)?;
             let mut back = vec![0u8; bytes];
             r.read_exact(&mut back)?;
