@@ -174,6 +174,7 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log = std::fs::File::create(dir.join("daemon.out")).unwrap();
+    let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
     scratch.children.push(
         Command::new(workspace_bin("kmesh-daemon"))
             .arg("--config")
@@ -189,13 +190,20 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
             .arg("--metrics-addr")
             .arg(metrics.to_string())
             .stdout(Stdio::from(log))
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(err))
             .spawn()
             .unwrap(),
     );
-    wait_until("daemon ready", 30, || {
-        http_get(admin, "/debug/ready").map(|r| r.0) == Some(200)
-    });
+    let ready = Instant::now() + Duration::from_secs(30);
+    while http_get(admin, "/debug/ready").map(|r| r.0) != Some(200) {
+        let stderr = std::fs::read_to_string(dir.join("daemon.err")).unwrap_or_default();
+        assert!(
+            scratch.children[0].try_wait().unwrap().is_none(),
+            "daemon exited: {stderr}"
+        );
+        assert!(Instant::now() < ready, "daemon not ready in 30 s: {stderr}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // kmeshctl against the daemon: access log on, a log level, authz refused.
     let (code, out, err) = kmeshctl(admin, &["accesslog", "enable"]);
@@ -211,6 +219,10 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
     let (code, _, err) = kmeshctl(admin, &["log", "--set", "nosuch:debug"]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("unknown logger"), "{err}");
+    // Kernel log lines, switched on at runtime, arrive in the daemon's log.
+    let (code, out, err) = kmeshctl(admin, &["log", "--set", "bpf:debug"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("bpf") && out.contains("debug"), "{out}");
     let (code, _, err) = kmeshctl(admin, &["authz", "status"]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("not implemented"), "{err}");
@@ -238,6 +250,16 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
         );
     }
     let (code, _, _) = kmeshctl(admin, &["accesslog", "disable"]);
+    assert_eq!(code, 0);
+    wait_until("kernel log lines of the closes", 10, || {
+        std::fs::read_to_string(dir.join("daemon.err"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("closed: sent 300 received 305"))
+            .count()
+            == 10
+    });
+    let (code, _, _) = kmeshctl(admin, &["log", "--set", "bpf:warn"]);
     assert_eq!(code, 0);
 
     // The exposition is clean for promtool's linter.

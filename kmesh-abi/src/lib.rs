@@ -141,9 +141,16 @@ pub const CONN_FIN_SENT: u8 = 1;
 /// number in `bytes_received`, which is subtracted to report data bytes).
 pub const CONN_FIN_RECEIVED: u8 = 2;
 
-/// Telemetry config word (`KM_TELEMETRY_CFG[0]`): bit set = sockops tracks
-/// connections and emits events; clear = it does nothing (one array read
-/// per established connection).
+/// Index of the flags word in `KM_TELEMETRY_CFG`.
+pub const TELEMETRY_CFG_FLAGS: u32 = 0;
+/// Index of the kernel log level in `KM_TELEMETRY_CFG`: 0 off, then
+/// aya-log's levels 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+pub const TELEMETRY_CFG_LOG_LEVEL: u32 = 1;
+/// Number of words in `KM_TELEMETRY_CFG`.
+pub const TELEMETRY_CFG_WORDS: u32 = 2;
+
+/// Flags word bit: set = sockops tracks connections and emits events;
+/// clear = it does nothing (one array read per established connection).
 pub const TELEMETRY_CFG_MONITORING: u32 = 1;
 
 /// Per-connection state kept by the `sockops` program from ESTABLISHED to

@@ -1,9 +1,11 @@
 //! The daemon's `tracing` output with levels adjustable at runtime
 //! (`/debug/loggers`, `kmeshctl log --set name:level`).
 //!
-//! Loggers: `default` (everything) and one per daemon module (`dataplane`,
-//! `writer`, `admin`, `telemetry`, `netns`). `RUST_LOG`, if set, is the
-//! starting filter of `default`.
+//! Loggers: `default` (everything), one per daemon module (`dataplane`,
+//! `writer`, `admin`, `telemetry`, `netns`), and `bpf`: the kernel
+//! programs' log statements, switched in the kernel (a disabled statement
+//! costs one array read) and forwarded through aya-log into this output.
+//! `RUST_LOG`, if set, is the starting filter of `default`.
 
 use std::{collections::BTreeMap, sync::Mutex};
 
@@ -14,13 +16,24 @@ pub const MODULES: [&str; 5] = ["dataplane", "writer", "admin", "telemetry", "ne
 
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
+/// Kernel log level at start: warnings (ring buffer full) and errors.
+pub const KERNEL_LOG_DEFAULT: u32 = 2;
+
+/// The kernel's number for a level name (aya-log's numbering, 0 = off).
+pub fn kernel_level(level: &str) -> Option<u32> {
+    LEVELS
+        .iter()
+        .position(|l| l.eq_ignore_ascii_case(level))
+        .map(|i| i as u32)
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LogError {
-    #[error("unknown logger {0:?}: known loggers are default, {modules}", modules = MODULES.join(", "))]
+    #[error("unknown logger {0:?}: known loggers are default, bpf, {modules}", modules = MODULES.join(", "))]
     Name(String),
     #[error("unknown level {0:?}: use one of off, error, warn, info, debug, trace")]
     Level(String),
-    #[error("logger \"bpf\": the kernel programs of this version carry no log statements (aya-log is not built in), so there is no kernel log level to set")]
+    #[error("logger \"bpf\": the kernel programs are not loaded yet, so there is no kernel log level to set")]
     Bpf,
     #[error("applying the new filter failed: {0}")]
     Reload(String),
@@ -42,11 +55,11 @@ impl LogControl {
     }
 
     /// Sets one logger's level and applies the whole filter at once.
+    ///
+    /// For `bpf` this sets the userspace filter of the forwarded kernel
+    /// lines (target `kmesh_ebpf`); the caller sets the kernel side.
     pub fn set(&self, name: &str, level: &str) -> Result<(), LogError> {
-        if name == "bpf" {
-            return Err(LogError::Bpf);
-        }
-        if name != "default" && !MODULES.contains(&name) {
+        if name != "default" && name != "bpf" && !MODULES.contains(&name) {
             return Err(LogError::Name(name.into()));
         }
         let level = level.to_ascii_lowercase();
@@ -71,8 +84,10 @@ fn filter_of(levels: &BTreeMap<String, String>) -> EnvFilter {
         .cloned()
         .unwrap_or_else(|| "info".into());
     for (name, level) in levels {
-        if name != "default" {
-            spec.push_str(&format!(",kmesh_daemon::{name}={level}"));
+        match name.as_str() {
+            "default" => {}
+            "bpf" => spec.push_str(&format!(",kmesh_ebpf={level}")),
+            _ => spec.push_str(&format!(",kmesh_daemon::{name}={level}")),
         }
     }
     EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"))
@@ -97,6 +112,13 @@ pub fn init() -> LogControl {
                 .to_lowercase()
         },
     );
+    let kernel = LEVELS[KERNEL_LOG_DEFAULT as usize].to_string();
+    let start = start.add_directive(
+        format!("kmesh_ebpf={kernel}")
+            .parse()
+            .expect("a valid directive"),
+    );
+    levels.insert("bpf".to_string(), kernel);
     let (filter, handle) = reload::Layer::new(start);
     tracing_subscriber::registry()
         .with(filter)

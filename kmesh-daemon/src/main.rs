@@ -192,7 +192,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             accesslog: args.telemetry.accesslog,
             accesslog_format: args.telemetry.accesslog_format,
             monitoring: !args.telemetry.no_monitoring,
-            sink: None,
+            ..Default::default()
         },
     )?;
     let applied = dp.apply(&flat);

@@ -34,10 +34,12 @@ use aya_ebpf::{
     programs::SockOpsContext,
     EbpfContext,
 };
+use aya_log_ebpf::{debug, error, trace, warn};
 use core::ptr::{addr_of, read_volatile};
 use kmesh_abi::{
     telemetry, ConnEvent, ConnState, SockAddr, CONN_FIN_RECEIVED, CONN_FIN_SENT, DIR_INBOUND,
-    DIR_OUTBOUND, EVENT_CLOSE, EVENT_OPEN, EVENT_RING_BYTES, MAX_CONNS, TELEMETRY_CFG_MONITORING,
+    DIR_OUTBOUND, EVENT_CLOSE, EVENT_OPEN, EVENT_RING_BYTES, MAX_CONNS, TELEMETRY_CFG_FLAGS,
+    TELEMETRY_CFG_LOG_LEVEL, TELEMETRY_CFG_MONITORING, TELEMETRY_CFG_WORDS,
 };
 
 use crate::{KM_MANAGE, KM_ORIGDST};
@@ -54,9 +56,10 @@ static KM_EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 #[map]
 static KM_TELEMETRY: PerCpuArray<u64> = PerCpuArray::with_max_entries(telemetry::COUNT, 0);
 
-/// `[0]`: `TELEMETRY_CFG_*` bits, written by the daemon.
+/// `[TELEMETRY_CFG_FLAGS]`: `TELEMETRY_CFG_*` bits; `[TELEMETRY_CFG_LOG_LEVEL]`:
+/// the kernel log level. Written by the daemon at runtime.
 #[map]
-static KM_TELEMETRY_CFG: Array<u32> = Array::with_max_entries(1, 0);
+static KM_TELEMETRY_CFG: Array<u32> = Array::with_max_entries(TELEMETRY_CFG_WORDS, 0);
 
 const AF_INET: u32 = 2;
 const TCPHDR_FIN: u32 = 0x01;
@@ -84,8 +87,24 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn monitoring_on() -> bool {
     KM_TELEMETRY_CFG
-        .get(0)
+        .get(TELEMETRY_CFG_FLAGS)
         .is_some_and(|v| *v & TELEMETRY_CFG_MONITORING != 0)
+}
+
+/// Kernel log levels (aya-log's numbering).
+const LOG_ERROR: u32 = 1;
+const LOG_WARN: u32 = 2;
+const LOG_DEBUG: u32 = 4;
+const LOG_TRACE: u32 = 5;
+
+/// Whether log lines of `level` are wanted now. Checked before formatting
+/// anything: a disabled statement costs one array read. (aya-log's own
+/// level is fixed at load time; this one the daemon changes at runtime.)
+#[inline(always)]
+fn log_on(level: u32) -> bool {
+    KM_TELEMETRY_CFG
+        .get(TELEMETRY_CFG_LOG_LEVEL)
+        .is_some_and(|v| *v >= level)
 }
 
 #[inline(always)]
@@ -124,7 +143,19 @@ fn on_established(ctx: &SockOpsContext, direction: u8) {
     }
     if KM_CONN.insert(&cookie, &state, 0).is_err() {
         count(telemetry::CONN_STATE_FAILED);
+        if log_on(LOG_ERROR) {
+            error!(ctx, "sockops: storing state of socket {} failed", cookie);
+        }
         return;
+    }
+    if log_on(LOG_TRACE) {
+        trace!(
+            ctx,
+            "sockops: tracking socket {} (netns {}, direction {})",
+            cookie,
+            netns,
+            direction
+        );
     }
     count(telemetry::CONN_OPENED);
     // Callbacks on state changes of this socket only (the flag lives in the socket).
@@ -180,6 +211,16 @@ fn on_state_change(ctx: &SockOpsContext) {
         recv -= 1;
     }
     count(telemetry::CONN_CLOSED);
+    if log_on(LOG_DEBUG) {
+        debug!(
+            ctx,
+            "sockops: socket {} closed: sent {} received {} retransmits {}",
+            cookie,
+            sent,
+            recv,
+            state_retrans(ops)
+        );
+    }
     if monitoring_on() {
         emit_close(ctx, cookie, state, sent, recv);
     }
@@ -200,6 +241,12 @@ fn on_segment(ctx: &SockOpsContext) {
         // SAFETY: as in on_state_change: serialised by the socket lock.
         unsafe { (*state).flags |= CONN_FIN_RECEIVED };
     }
+}
+
+#[inline(always)]
+fn state_retrans(ops: *mut bpf_sock_ops) -> u32 {
+    // SAFETY: u32 context read.
+    unsafe { read_volatile(addr_of!((*ops).total_retrans)) }
 }
 
 #[inline(always)]
@@ -267,6 +314,12 @@ fn fill_and_submit(
 ) {
     let Some(mut entry) = KM_EVENTS.reserve::<ConnEvent>(0) else {
         count(telemetry::EVENTS_DROPPED);
+        if log_on(LOG_WARN) {
+            warn!(
+                ctx,
+                "sockops: event ring buffer full, event of socket {} dropped", cookie
+            );
+        }
         return;
     };
     let ops = ctx.ops;

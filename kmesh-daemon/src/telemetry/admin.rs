@@ -148,12 +148,29 @@ async fn loggers_set(State(s): State<Arc<AdminState>>, body: Option<Json<SetLeve
             "log levels are not adjustable in this process (no reload handle installed)",
         );
     };
+    if req.name == "bpf" {
+        // The kernel side first: if it cannot be set, nothing changes.
+        let (Some(t), Some(level)) = (
+            s.telemetry.get(),
+            crate::logging::kernel_level(&req.level),
+        ) else {
+            return match crate::logging::kernel_level(&req.level) {
+                None => error(
+                    StatusCode::BAD_REQUEST,
+                    crate::logging::LogError::Level(req.level).to_string(),
+                ),
+                Some(_) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    crate::logging::LogError::Bpf.to_string(),
+                ),
+            };
+        };
+        if let Err(e) = t.set_kernel_log_level(level) {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        }
+    }
     match l.set(&req.name, &req.level) {
         Ok(()) => Json(l.levels()).into_response(),
-        Err(crate::logging::LogError::Bpf) => error(
-            StatusCode::NOT_IMPLEMENTED,
-            crate::logging::LogError::Bpf.to_string(),
-        ),
         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
 }

@@ -30,7 +30,7 @@ use std::{
 };
 
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use kmesh_abi::TELEMETRY_CFG_MONITORING;
+use kmesh_abi::{TELEMETRY_CFG_FLAGS, TELEMETRY_CFG_LOG_LEVEL, TELEMETRY_CFG_MONITORING};
 use tokio::io::unix::AsyncFd;
 use xds_adapter::FlatConfig;
 
@@ -62,6 +62,9 @@ pub struct TelemetryOptions {
     pub monitoring: bool,
     /// Default: stdout.
     pub sink: Option<Sink>,
+    /// Kernel log level (see [`crate::logging::kernel_level`]); lines go
+    /// through aya-log into this process' `log`/`tracing` output.
+    pub kernel_log_level: u32,
 }
 
 impl Default for TelemetryOptions {
@@ -71,6 +74,7 @@ impl Default for TelemetryOptions {
             accesslog_format: accesslog::Format::Text,
             monitoring: true,
             sink: None,
+            kernel_log_level: crate::logging::KERNEL_LOG_DEFAULT,
         }
     }
 }
@@ -90,6 +94,7 @@ pub struct Telemetry {
     pub bad_events: AtomicU64,
     /// Events handled.
     pub events: AtomicU64,
+    kernel_log_level: AtomicU64,
     /// Keeps BPF run-time statistics on (`bpf_stats`) while alive.
     _stats_fd: Option<OwnedFd>,
 }
@@ -152,9 +157,12 @@ impl Telemetry {
             cfg_map: Mutex::new(cfg_map),
             bad_events: AtomicU64::new(0),
             events: AtomicU64::new(0),
+            kernel_log_level: AtomicU64::new(0),
             _stats_fd: stats_fd,
         });
         t.set_monitoring(opts.monitoring)?;
+        t.set_kernel_log_level(opts.kernel_log_level)?;
+        start_kernel_logger(&dp.all_program_ids());
         // SAFETY: the ring buffer owns its map fd and keeps it open until it
         // is dropped, which is when the AsyncFd owning it is dropped; its
         // as_raw_fd always returns that fd.
@@ -187,10 +195,26 @@ impl Telemetry {
         self.cfg_map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .set(0, word, 0)
+            .set(TELEMETRY_CFG_FLAGS, word, 0)
             .map_err(map_err("KM_TELEMETRY_CFG"))?;
         self.monitoring.store(on, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Sets which kernel log statements run (0 off … 5 trace; one map write).
+    pub fn set_kernel_log_level(&self, level: u32) -> Result<(), TelemetryError> {
+        self.cfg_map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(TELEMETRY_CFG_LOG_LEVEL, level, 0)
+            .map_err(map_err("KM_TELEMETRY_CFG"))?;
+        self.kernel_log_level
+            .store(u64::from(level), Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn kernel_log_level(&self) -> u32 {
+        self.kernel_log_level.load(Ordering::Relaxed) as u32
     }
 
     /// Handles one decoded event: metrics always, access log line at close
@@ -307,6 +331,47 @@ impl Telemetry {
         );
         out
     }
+}
+
+/// Forwards the kernel programs' aya-log records into this process' `log`
+/// output (bridged to `tracing`, target `kmesh_ebpf::…`). The logger opens
+/// the programs' log ring buffer by program id and must stay alive while
+/// it is read: it lives in the task. Failure only loses kernel log lines.
+fn start_kernel_logger(programs: &[(String, u32)]) {
+    let Some((_, id)) = programs
+        .iter()
+        .find(|(n, _)| n == crate::dataplane::SOCKOPS_PROGRAM)
+    else {
+        return;
+    };
+    let logger = match aya_log::EbpfLogger::init_from_id(*id) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("kernel log lines unavailable: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's map fd until it is dropped,
+    // which is when the AsyncFd owning it is dropped.
+    let fd = match unsafe {
+        AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("kernel log lines unavailable: {}", e.into_parts().1);
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut fd = fd;
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
