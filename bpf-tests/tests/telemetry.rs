@@ -106,6 +106,7 @@ fn metrics_and_access_log_match_real_connections_both_sides() {
                     accesslog_format: Format::Text,
                     monitoring: true,
                     sink: Some(Box::new(lines.clone())),
+                    ..Default::default()
                 },
             )
         })
@@ -229,6 +230,7 @@ fn json_access_log_and_state_cleaned_up_under_churn() {
                     accesslog_format: Format::Json,
                     monitoring: true,
                     sink: Some(Box::new(lines.clone())),
+                    ..Default::default()
                 },
             )
         })

@@ -150,10 +150,8 @@ async fn loggers_set(State(s): State<Arc<AdminState>>, body: Option<Json<SetLeve
     };
     if req.name == "bpf" {
         // The kernel side first: if it cannot be set, nothing changes.
-        let (Some(t), Some(level)) = (
-            s.telemetry.get(),
-            crate::logging::kernel_level(&req.level),
-        ) else {
+        let (Some(t), Some(level)) = (s.telemetry.get(), crate::logging::kernel_level(&req.level))
+        else {
             return match crate::logging::kernel_level(&req.level) {
                 None => error(
                     StatusCode::BAD_REQUEST,

@@ -353,9 +353,8 @@ fn start_kernel_logger(programs: &[(String, u32)]) {
     };
     // SAFETY: the logger owns its ring buffer's map fd until it is dropped,
     // which is when the AsyncFd owning it is dropped.
-    let fd = match unsafe {
-        AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    } {
+    let fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+    {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!("kernel log lines unavailable: {}", e.into_parts().1);
