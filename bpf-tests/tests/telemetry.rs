@@ -78,12 +78,16 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn conn_entries(t: &Telemetry) -> u64 {
+fn entries(t: &Telemetry, map: &str) -> u64 {
     t.map_usage()
         .into_iter()
-        .find(|m| m.name == "KM_CONN")
+        .find(|m| m.name == map)
         .and_then(|m| m.entries)
-        .expect("KM_CONN listed with an entry count")
+        .unwrap_or_else(|| panic!("{map} listed with an entry count"))
+}
+
+fn conn_entries(t: &Telemetry) -> u64 {
+    entries(t, "KM_CONN")
 }
 
 #[test]
@@ -255,10 +259,12 @@ fn json_access_log_and_state_cleaned_up_under_churn() {
         t.kernel_counters().unwrap().conn_closed == opened - 10
     });
     assert_eq!(conn_entries(&t), 10, "only the held connections keep state");
+    assert_eq!(entries(&t, "KM_ORIGDST"), 10, "closed sockets' VIPs freed");
     drop(held);
     wait_for("KM_CONN empty after the held connections close", || {
         conn_entries(&t) == 0
     });
+    assert_eq!(entries(&t, "KM_ORIGDST"), 0);
     wait_for("one log line per connection", || {
         lines.lines().len() as u64 == opened
     });

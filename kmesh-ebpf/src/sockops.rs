@@ -11,7 +11,8 @@
 //!   per received segment, to see that FIN exactly.
 //! - CLOSE: emit a `CLOSE` event with the socket's final counters (bytes
 //!   acked/received since ESTABLISHED, retransmits, srtt) and delete the
-//!   state, so nothing stays behind under connection churn.
+//!   state (and the socket's `KM_ORIGDST` entry), so nothing stays behind
+//!   under connection churn.
 //!
 //! Cost: sockets of pods that are not enrolled pay one array read and one
 //! hash lookup at ESTABLISHED and nothing after (no callbacks are enabled
@@ -225,6 +226,12 @@ fn on_state_change(ctx: &SockOpsContext) {
         emit_close(ctx, cookie, state, sent, recv);
     }
     let _ = KM_CONN.remove(&cookie);
+    // The connect programs' record of the dialled VIP (for getpeername) is
+    // of no use once the socket is closed: free it now rather than waiting
+    // for LRU eviction.
+    if state.has_orig_dst != 0 {
+        let _ = KM_ORIGDST.remove(&cookie);
+    }
 }
 
 /// A received segment between this side's FIN and CLOSE.
