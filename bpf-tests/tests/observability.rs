@@ -323,11 +323,14 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
             .spawn()
             .unwrap(),
     );
+    // Prometheus answers 503 until its storage is open.
+    wait_until("Prometheus ready", 60, || {
+        http_get(prom, "/-/ready").map(|r| r.0) == Some(200)
+    });
     wait_until("Prometheus scraping the daemon", 60, || {
-        http_get(prom, "/api/v1/query?query=up").is_some()
-            && prom_query(prom, "up == 1")
-                .as_array()
-                .is_some_and(|a| !a.is_empty())
+        prom_query(prom, "up == 1")
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
     });
     // Traffic across several scrapes, so rates have two samples to work on.
     for _ in 0..4 {
