@@ -379,5 +379,26 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
         "panels without data:\n{}",
         empty.join("\n")
     );
+
+    // Switch semantics: no access log without monitoring; one command for both.
+    let (code, out, err) = kmeshctl(admin, &["monitoring", "disable", "-o", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["monitoring"].as_bool(), v["accesslog"].as_bool()),
+        (Some(false), Some(false))
+    );
+    let (code, _, err) = kmeshctl(admin, &["accesslog", "enable"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("monitoring is disabled"), "{err}");
+    let (code, out, err) = kmeshctl(admin, &["monitoring", "enable", "--accesslog"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("monitoring   enabled") && out.contains("accesslog    enabled"),
+        "{out}"
+    );
+    let (code, _, err) = kmeshctl("127.0.0.1:1".parse().unwrap(), &["accesslog", "status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
     drop(scratch);
 }

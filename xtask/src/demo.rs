@@ -254,12 +254,32 @@ fn observe(node: &Node, client: &Pod, accesslog: &Path) -> anyhow::Result<()> {
     let (_, body) = http_get(METRICS.parse()?, "/status/metric").context("metrics")?;
     eprintln!("\n    http://{METRICS}/status/metric (excerpt):");
     for l in body.lines().filter(|l| {
-        l.starts_with("istio_tcp_sent_bytes_total")
-            || l.starts_with("istio_tcp_connections_opened_total")
-            || l.starts_with("kmesh_bpf_prog_run_count_total")
+        l.starts_with("istio_tcp_sent_bytes_total{reporter=\"source\"")
+            && l.contains("destination_service=\"web\"")
             || l.starts_with("kmesh_map_entries")
     }) {
         eprintln!("    {l}");
+    }
+    // Kernel cost per program run, from the bpf_stats counters.
+    let value = |metric: &str, program: &str| -> Option<f64> {
+        body.lines()
+            .find(|l| l.starts_with(&format!("{metric}{{program=\"{program}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    eprintln!("\n    {:<20} {:>8} {:>12}", "program", "runs", "ns per run");
+    for p in [
+        "kmesh_connect4",
+        "kmesh_connect6",
+        "kmesh_getpeername4",
+        "kmesh_sockops",
+    ] {
+        if let (Some(n), Some(t)) = (
+            value("kmesh_bpf_prog_run_count_total", p),
+            value("kmesh_bpf_prog_run_time_seconds_total", p),
+        ) {
+            let per = if n > 0.0 { t * 1e9 / n } else { 0.0 };
+            eprintln!("    {p:<20} {n:>8} {per:>12.0}");
+        }
     }
     Ok(())
 }
