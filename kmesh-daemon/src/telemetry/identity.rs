@@ -62,12 +62,14 @@ impl Identity {
     /// The service of an outbound connection: dialled `vip`, landed on `backend`.
     pub fn outbound(&self, vip: SocketAddr, backend: SocketAddr) -> Option<ServiceIdentity> {
         let (listener, eps) = self.by_vip.get(&vip)?;
-        // The backend may have left the config since the connect.
+        // The backend may have left the config since the connect: then the
+        // cluster is known only if the service has exactly one.
         let cluster = eps.get(&backend).cloned().unwrap_or_else(|| {
-            eps.values()
-                .next()
-                .cloned()
-                .unwrap_or_else(|| UNKNOWN.into())
+            let clusters: std::collections::BTreeSet<&String> = eps.values().collect();
+            match clusters.into_iter().collect::<Vec<_>>().as_slice() {
+                [only] => (*only).clone(),
+                _ => UNKNOWN.into(),
+            }
         });
         Some(service_identity(listener, &cluster))
     }

@@ -39,6 +39,10 @@ pub const ISTIO_LABELS: [&str; 23] = [
     "connection_security_policy",
 ];
 
+/// `destination_service_name` of connections to no known service, as Istio
+/// names traffic that passes through without a service.
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+
 /// Values of [`ISTIO_LABELS`], same order.
 pub type LabelValues = [String; 23];
 
@@ -70,8 +74,11 @@ pub fn istio_labels(c: &Connection, id: &Identity) -> LabelValues {
             s.service_name.clone(),
             s.service_namespace.clone(),
         ),
-        // Not a mesh service: Istio reports the address it went to.
-        None => (c.src_dst().1.ip().to_string(), u(), u()),
+        // Not a mesh service (an enrolled pod dialling an address no
+        // listener captures): Istio's passthrough naming. Not the address:
+        // one series per peer address would make the series count
+        // unbounded (the access log has the address).
+        None => (u(), PASSTHROUGH.to_string(), u()),
     };
     let (reporter, security) = match c.direction {
         // No mTLS in this dataplane: the destination sees plaintext; the
@@ -207,6 +214,111 @@ fn escape_label(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::event::{Connection, Direction, Kind};
+
+    fn conn(dir: Direction, local: &str, remote: &str, vip: Option<&str>) -> Connection {
+        Connection {
+            kind: Kind::Close,
+            direction: dir,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            orig_dst: vip.map(|v| v.parse().unwrap()),
+            netns_cookie: 1,
+            sock_cookie: 2,
+            bytes_sent: 10,
+            bytes_received: 20,
+            duration: std::time::Duration::ZERO,
+            end_ns: 0,
+            srtt_us: 0,
+            total_retrans: 0,
+        }
+    }
+
+    fn identity() -> Identity {
+        let cfg = xds_adapter::compile_static_config(
+            r#"
+static_resources:
+  listeners:
+  - name: web
+    address: { socket_address: { address: 10.96.0.10, port_value: 80 } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: web
+          cluster: "outbound|80||web.shop.svc.cluster.local"
+  clusters:
+  - name: "outbound|80||web.shop.svc.cluster.local"
+    type: STATIC
+    load_assignment:
+      cluster_name: "outbound|80||web.shop.svc.cluster.local"
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 10.244.0.3, port_value: 8080 } } }
+"#,
+        )
+        .unwrap();
+        Identity::from_config(&cfg)
+    }
+
+    #[test]
+    fn labels_name_the_service_from_either_side_and_bound_the_rest() {
+        let id = identity();
+        let get = |l: &LabelValues, name: &str| {
+            l[ISTIO_LABELS.iter().position(|x| *x == name).unwrap()].clone()
+        };
+        let out = istio_labels(
+            &conn(
+                Direction::Outbound,
+                "10.244.0.2:4000",
+                "10.244.0.3:8080",
+                Some("10.96.0.10:80"),
+            ),
+            &id,
+        );
+        assert_eq!(get(&out, "reporter"), "source");
+        assert_eq!(
+            get(&out, "destination_service"),
+            "web.shop.svc.cluster.local"
+        );
+        assert_eq!(get(&out, "destination_service_namespace"), "shop");
+        let inb = istio_labels(
+            &conn(
+                Direction::Inbound,
+                "10.244.0.3:8080",
+                "10.244.0.2:4000",
+                None,
+            ),
+            &id,
+        );
+        assert_eq!(get(&inb, "reporter"), "destination");
+        assert_eq!(get(&inb, "destination_service_name"), "web");
+        assert_eq!(get(&inb, "connection_security_policy"), "none");
+        // Two different unknown peers share one series.
+        let a = istio_labels(
+            &conn(Direction::Outbound, "10.244.0.2:1", "1.1.1.1:443", None),
+            &id,
+        );
+        let b = istio_labels(
+            &conn(Direction::Outbound, "10.244.0.2:2", "8.8.8.8:53", None),
+            &id,
+        );
+        assert_eq!(a, b);
+        assert_eq!(get(&a, "destination_service_name"), PASSTHROUGH);
+        let mut m = TcpMetrics::default();
+        m.record(
+            &conn(Direction::Outbound, "10.244.0.2:1", "1.1.1.1:443", None),
+            &id,
+        );
+        m.record(
+            &conn(Direction::Outbound, "10.244.0.2:2", "8.8.8.8:53", None),
+            &id,
+        );
+        let series: Vec<_> = m.series().collect();
+        assert_eq!(series.len(), 1);
+        assert_eq!((series[0].1.closed, series[0].1.sent_bytes), (2, 20));
+    }
 
     #[test]
     fn exposition_escapes_and_formats() {
