@@ -115,6 +115,8 @@ enum CtlError {
     #[error("{0:#}")]
     Unreachable(anyhow::Error),
     #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
     Refused(String),
     #[error("{0}")]
     Unsupported(String),
@@ -124,6 +126,7 @@ impl CtlError {
     fn code(&self) -> u8 {
         match self {
             CtlError::Unreachable(_) => 1,
+            CtlError::Usage(_) => 2,
             CtlError::Refused(_) => 3,
             CtlError::Unsupported(_) => 4,
         }
@@ -233,7 +236,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let v = match set {
                 Some(spec) => {
                     let Some((n, level)) = spec.split_once(':') else {
-                        bail!(CtlError::Refused(format!(
+                        bail!(CtlError::Usage(format!(
                             "--set {spec:?}: expected NAME:LEVEL, e.g. default:debug"
                         )));
                     };
@@ -254,7 +257,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             if let Some(n) = name {
                 if shown.is_empty() {
                     bail!(CtlError::Refused(format!(
-                        "no logger {n:?}; known: {}",
+                        "no logger {n:?}; known: {} (selecting a daemon by pod name is not implemented yet: use --admin-addr)",
                         v.as_object()
                             .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
                             .unwrap_or_default()
@@ -280,7 +283,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             output,
         } => {
             if *accesslog && *action != Switch::Enable {
-                bail!(CtlError::Refused(
+                bail!(CtlError::Usage(
                     "--accesslog goes with `monitoring enable` (disabling monitoring disables the access log too)".into()
                 ));
             }
