@@ -205,6 +205,13 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    for m in kmesh_daemon::dataplane::TELEMETRY_MAPS {
+        assert!(
+            dir.join("bpffs/kmesh").join(m).exists(),
+            "map {m} not pinned"
+        );
+    }
+
     // kmeshctl against the daemon: access log on, a log level, authz refused.
     let (code, out, err) = kmeshctl(admin, &["accesslog", "enable"]);
     assert_eq!(code, 0, "{out}{err}");

@@ -39,6 +39,10 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
 /// The connection-tracking `sockops` program (see `kmesh-ebpf/src/sockops.rs`).
 pub const SOCKOPS_PROGRAM: &str = "kmesh_sockops";
 
+/// Connection-telemetry maps (handed to `telemetry::Telemetry`), pinned
+/// for inspection too (`bpftool map dump pinned <pin dir>/KM_CONN`).
+pub const TELEMETRY_MAPS: [&str; 3] = ["KM_CONN", "KM_TELEMETRY", "KM_TELEMETRY_CFG"];
+
 /// Names of the maps, as bpftool shows them.
 pub const MAPS: [&str; 6] = [
     "KM_MANAGE",
@@ -272,7 +276,7 @@ impl Dataplane {
         let slot = take(&mut ebpf, "KM_SLOT", &mut pins, pin_dir)?;
         let stats = take(&mut ebpf, "KM_STATS", &mut pins, pin_dir)?;
         // Used only by the kernel; pinned for inspection with bpftool.
-        for name in ["KM_RR", "KM_ORIGDST"] {
+        for name in ["KM_RR", "KM_ORIGDST"].into_iter().chain(TELEMETRY_MAPS) {
             if let Some(map) = ebpf.map(name) {
                 pins.pin(pin_dir, name, map)?;
             }
