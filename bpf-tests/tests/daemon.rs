@@ -87,6 +87,8 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
         .arg(&bpffs.0)
         .arg("--admin-addr")
         .arg(admin.to_string())
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
