@@ -189,6 +189,10 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
             .arg(admin.to_string())
             .arg("--metrics-addr")
             .arg(metrics.to_string())
+            .arg("--workload")
+            .arg(format!("{}=shop/client", client.netns_path.display()))
+            .arg("--workload")
+            .arg(format!("{}=shop/web-v1", srv.netns_path.display()))
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
             .spawn()
@@ -252,7 +256,9 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
     for l in text.lines().filter(|l| l.starts_with("accesslog: ")) {
         assert!(
             l.contains("dst.service=web.shop.svc.cluster.local, ")
-                && l.contains("direction=OUTBOUND, sent_bytes=300, received_bytes=305, "),
+                && l.contains("direction=OUTBOUND, sent_bytes=300, received_bytes=305, ")
+                && l.contains("src.workload=client, src.namespace=shop, ")
+                && l.contains("dst.workload=web-v1, dst.namespace=shop, "),
             "{l}"
         );
     }
@@ -365,6 +371,9 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
         assert!(labels.get(l).is_some(), "label {l} missing: {labels}");
     }
     assert_eq!(labels["destination_service_name"], "web");
+    assert_eq!(labels["source_workload"], "client", "{labels}");
+    assert_eq!(labels["destination_workload"], "web-v1", "{labels}");
+    assert_eq!(labels["destination_workload_namespace"], "shop", "{labels}");
     let total: f64 = prom_query(prom, "sum(istio_tcp_connections_opened_total)")[0]["value"][1]
         .as_str()
         .unwrap()

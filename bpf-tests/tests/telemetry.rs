@@ -118,6 +118,17 @@ fn metrics_and_access_log_match_real_connections_both_sides() {
     let cfg = web_config(&m);
     m.dp.apply(&cfg).unwrap();
     t.set_config(&cfg);
+    // Name the pods: their addresses are read from their namespaces.
+    let spec = format!("{}=shop/client", m.client.netns_path.display());
+    let ips = t.register_workload(&spec.parse().unwrap()).unwrap();
+    assert!(
+        ips.contains(&m.client.ip4.into()) && ips.contains(&m.client.ip6.into()),
+        "{ips:?}"
+    );
+    for (i, s) in m.servers.iter().enumerate() {
+        let spec = format!("{}=shop/web-v{}", s.netns_path.display(), i + 1);
+        t.register_workload(&spec.parse().unwrap()).unwrap();
+    }
 
     let r = m
         .node
@@ -138,31 +149,46 @@ fn metrics_and_access_log_match_real_connections_both_sides() {
             .filter(|(l, _)| label(l, "reporter") == reporter)
             .collect::<Vec<_>>()
     };
-    let src = side("source");
-    assert_eq!(src.len(), 1, "one label set per side: {series:#?}");
-    let (labels, c) = src[0];
-    assert_eq!(
-        label(labels, "destination_service"),
-        "web.shop.svc.cluster.local"
-    );
-    assert_eq!(label(labels, "destination_service_name"), "web");
-    assert_eq!(label(labels, "destination_service_namespace"), "shop");
-    assert_eq!(label(labels, "source_workload"), "unknown");
-    assert_eq!(label(labels, "request_protocol"), "tcp");
-    assert_eq!((c.opened, c.closed), (20, 20));
-    assert_eq!(c.sent_bytes, r.sent, "client bytes sent");
-    assert_eq!(c.received_bytes, r.received, "client bytes received");
-    let dst = side("destination");
-    assert_eq!(dst.len(), 1, "{series:#?}");
-    let (labels, c) = dst[0];
-    assert_eq!(
-        label(labels, "destination_service"),
-        "web.shop.svc.cluster.local"
-    );
-    assert_eq!(label(labels, "connection_security_policy"), "none");
-    assert_eq!((c.opened, c.closed), (20, 20));
-    assert_eq!(c.sent_bytes, r.received, "server bytes sent");
-    assert_eq!(c.received_bytes, r.sent, "server bytes received");
+    // One label set per (side, destination workload).
+    for reporter in ["source", "destination"] {
+        let sets = side(reporter);
+        assert_eq!(sets.len(), 2, "one set per backend workload: {series:#?}");
+        let mut dst_workloads: Vec<&str> = sets
+            .iter()
+            .map(|(l, _)| label(l, "destination_workload"))
+            .collect();
+        dst_workloads.sort();
+        assert_eq!(dst_workloads, ["web-v1", "web-v2"], "{series:#?}");
+        let (mut opened, mut closed, mut sent, mut received) = (0, 0, 0, 0);
+        for (l, c) in &sets {
+            assert_eq!(
+                label(l, "destination_service"),
+                "web.shop.svc.cluster.local"
+            );
+            assert_eq!(label(l, "destination_service_name"), "web");
+            assert_eq!(label(l, "destination_service_namespace"), "shop");
+            assert_eq!(label(l, "source_workload"), "client");
+            assert_eq!(label(l, "source_workload_namespace"), "shop");
+            assert_eq!(label(l, "destination_workload_namespace"), "shop");
+            assert_eq!(label(l, "request_protocol"), "tcp");
+            let policy = if reporter == "source" {
+                "unknown"
+            } else {
+                "none"
+            };
+            assert_eq!(label(l, "connection_security_policy"), policy);
+            opened += c.opened;
+            closed += c.closed;
+            sent += c.sent_bytes;
+            received += c.received_bytes;
+        }
+        assert_eq!((opened, closed), (20, 20), "{reporter}");
+        if reporter == "source" {
+            assert_eq!((sent, received), (r.sent, r.received), "client bytes");
+        } else {
+            assert_eq!((sent, received), (r.received, r.sent), "server bytes");
+        }
+    }
 
     let log = lines.lines();
     let out: Vec<&String> = log
@@ -178,6 +204,14 @@ fn metrics_and_access_log_match_real_connections_both_sides() {
     for l in &out {
         assert!(l.starts_with("accesslog: "), "{l}");
         assert!(l.contains(&format!("src.addr={client}:")), "{l}");
+        assert!(
+            l.contains("src.workload=client, src.namespace=shop,"),
+            "{l}"
+        );
+        assert!(
+            l.contains("dst.workload=web-v1, ") || l.contains("dst.workload=web-v2, "),
+            "{l}"
+        );
         assert!(l.contains("dst.service=web.shop.svc.cluster.local,"), "{l}");
         assert!(l.contains("dst.namespace=shop,"), "{l}");
         assert!(

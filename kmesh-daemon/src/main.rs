@@ -89,6 +89,10 @@ struct TelemetryArgs {
     /// Start with connection tracking off (switch at runtime: POST /monitoring?enable=).
     #[arg(long, env = "KMESH_NO_MONITORING")]
     no_monitoring: bool,
+    /// Name the pod in a network namespace for metrics and access logs
+    /// (without Kubernetes, workloads are otherwise "unknown"); repeatable.
+    #[arg(long = "workload", value_name = "NETNS_PATH=NAMESPACE/NAME")]
+    workloads: Vec<telemetry::workload::WorkloadSpec>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +203,12 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     telemetry::record_config_apply(applied.is_ok());
     let summary = applied?;
     tel.set_config(&flat);
+    for w in &args.telemetry.workloads {
+        let ips = tel
+            .register_workload(w)
+            .with_context(|| format!("--workload {}", w.netns.display()))?;
+        tracing::info!(netns = %w.netns.display(), workload = %format!("{}/{}", w.workload.namespace, w.workload.name), ?ips, "workload named");
+    }
     let _ = state.telemetry.set(tel);
     tracing::info!(
         services = summary.added,

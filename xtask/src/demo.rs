@@ -76,6 +76,14 @@ pub fn run() -> anyhow::Result<()> {
         .arg(&node.cgroup)
         .args(["--bpf-fs-path", BPF_FS, "--admin-addr", ADMIN])
         .args(["--metrics-addr", METRICS])
+        .arg("--workload")
+        .arg(format!("{}=demo/client", client.netns_path.display()))
+        .args(servers.iter().flat_map(|s| {
+            [
+                "--workload".to_string(),
+                format!("{}=demo/{}", s.netns_path.display(), s.name),
+            ]
+        }))
         .stdout(std::fs::File::create(log.with_extension("accesslog"))?)
         .stderr(std::fs::File::create(&log)?)
         .spawn()

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::{
     event::Connection,
     identity::{Identity, UNKNOWN},
-    metrics::istio_labels,
+    metrics::{istio_labels, workloads},
+    workload::Workloads,
 };
 
 /// Output form of the access log.
@@ -51,21 +52,28 @@ pub struct Entry {
 impl Entry {
     /// `wall_now`/`mono_now` are read together, to date the kernel's
     /// CLOCK_MONOTONIC timestamp on the wall clock.
-    pub fn new(c: &Connection, id: &Identity, wall_now: SystemTime, mono_now_ns: u64) -> Entry {
-        let labels = istio_labels(c, id);
+    pub fn new(
+        c: &Connection,
+        id: &Identity,
+        wl: &Workloads,
+        wall_now: SystemTime,
+        mono_now_ns: u64,
+    ) -> Entry {
+        let labels = istio_labels(c, id, wl);
+        let (src_w, dst_w) = workloads(c, wl);
         let (src, dst) = c.src_dst();
         let at = wall_now - Duration::from_nanos(mono_now_ns.saturating_sub(c.end_ns));
         Entry {
             time: format_time(at),
             src_addr: src.to_string(),
-            src_workload: UNKNOWN.into(),
-            src_namespace: UNKNOWN.into(),
+            src_workload: src_w.map_or(UNKNOWN, |w| &w.name).to_string(),
+            src_namespace: src_w.map_or(UNKNOWN, |w| &w.namespace).to_string(),
             dst_addr: dst.to_string(),
             // destination_service
             dst_service: labels[14].clone(),
-            dst_workload: UNKNOWN.into(),
-            // destination_service_namespace: the best namespace known.
-            dst_namespace: labels[16].clone(),
+            dst_workload: dst_w.map_or(UNKNOWN, |w| &w.name).to_string(),
+            // The workload's namespace, else the service's.
+            dst_namespace: dst_w.map_or_else(|| labels[16].clone(), |w| w.namespace.clone()),
             direction: c.direction.as_str(),
             sent_bytes: c.bytes_sent,
             received_bytes: c.bytes_received,

@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use super::{
     event::{Connection, Direction, Kind},
     identity::{Identity, UNKNOWN},
+    workload::{Workload, Workloads},
 };
 
 /// Istio's standard TCP metric labels, in Istio's order.
@@ -60,15 +61,29 @@ pub struct TcpMetrics {
     series: BTreeMap<LabelValues, TcpCounters>,
 }
 
+/// The named workloads at the (source, destination) ends of a connection:
+/// the reporting pod by its netns cookie, the peer by its address.
+pub fn workloads<'a>(
+    c: &Connection,
+    wl: &'a Workloads,
+) -> (Option<&'a Workload>, Option<&'a Workload>) {
+    let me = wl.by_cookie(c.netns_cookie);
+    let peer = wl.by_ip(c.remote.ip());
+    match c.direction {
+        Direction::Outbound => (me, peer),
+        Direction::Inbound => (peer, me),
+    }
+}
+
 /// Istio's labels for a connection, as the reporting side sees it.
-pub fn istio_labels(c: &Connection, id: &Identity) -> LabelValues {
+pub fn istio_labels(c: &Connection, id: &Identity, wl: &Workloads) -> LabelValues {
     let svc = match (c.direction, c.orig_dst) {
         (Direction::Outbound, Some(vip)) => id.outbound(vip, c.remote),
         (Direction::Outbound, None) => None,
         (Direction::Inbound, _) => id.inbound(c.local),
     };
     let u = || UNKNOWN.to_string();
-    let (service, name, namespace) = match &svc {
+    let (service, svc_name, namespace) = match &svc {
         Some(s) => (
             s.service.clone(),
             s.service_name.clone(),
@@ -80,6 +95,9 @@ pub fn istio_labels(c: &Connection, id: &Identity) -> LabelValues {
         // unbounded (the access log has the address).
         None => (u(), PASSTHROUGH.to_string(), u()),
     };
+    let (src_w, dst_w) = workloads(c, wl);
+    let name = |w: Option<&Workload>| w.map_or_else(u, |w| w.name.clone());
+    let ns = |w: Option<&Workload>| w.map_or_else(u, |w| w.namespace.clone());
     let (reporter, security) = match c.direction {
         // No mTLS in this dataplane: the destination sees plaintext; the
         // source cannot know what the peer enforces.
@@ -88,23 +106,25 @@ pub fn istio_labels(c: &Connection, id: &Identity) -> LabelValues {
     };
     [
         reporter.into(),
-        u(), // source_workload: needs the Kubernetes workload model
-        u(),
+        // Workloads are known when named with --workload; the canonical
+        // service defaults to the workload name, as in Istio without labels.
+        name(src_w),
+        name(src_w),
         "latest".into(), // Istio's default canonical revision
-        u(),
+        ns(src_w),
         u(), // source_principal: no mTLS identities
         u(),
         u(),
         u(),
-        u(), // destination_workload
-        u(),
+        name(dst_w),
+        ns(dst_w),
         u(),
         u(),
         u(),
         service,
-        name,
+        svc_name,
         namespace,
-        u(),
+        name(dst_w),
         "latest".into(),
         u(),
         "tcp".into(),
@@ -114,8 +134,8 @@ pub fn istio_labels(c: &Connection, id: &Identity) -> LabelValues {
 }
 
 impl TcpMetrics {
-    pub fn record(&mut self, c: &Connection, id: &Identity) {
-        let e = self.series.entry(istio_labels(c, id)).or_default();
+    pub fn record(&mut self, c: &Connection, id: &Identity, wl: &Workloads) {
+        let e = self.series.entry(istio_labels(c, id, wl)).or_default();
         match c.kind {
             Kind::Open => e.opened += 1,
             Kind::Close => {
@@ -265,6 +285,7 @@ static_resources:
     #[test]
     fn labels_name_the_service_from_either_side_and_bound_the_rest() {
         let id = identity();
+        let wl = Workloads::default();
         let get = |l: &LabelValues, name: &str| {
             l[ISTIO_LABELS.iter().position(|x| *x == name).unwrap()].clone()
         };
@@ -276,6 +297,7 @@ static_resources:
                 Some("10.96.0.10:80"),
             ),
             &id,
+            &wl,
         );
         assert_eq!(get(&out, "reporter"), "source");
         assert_eq!(
@@ -291,6 +313,7 @@ static_resources:
                 None,
             ),
             &id,
+            &wl,
         );
         assert_eq!(get(&inb, "reporter"), "destination");
         assert_eq!(get(&inb, "destination_service_name"), "web");
@@ -299,10 +322,12 @@ static_resources:
         let a = istio_labels(
             &conn(Direction::Outbound, "10.244.0.2:1", "1.1.1.1:443", None),
             &id,
+            &wl,
         );
         let b = istio_labels(
             &conn(Direction::Outbound, "10.244.0.2:2", "8.8.8.8:53", None),
             &id,
+            &wl,
         );
         assert_eq!(a, b);
         assert_eq!(get(&a, "destination_service_name"), PASSTHROUGH);
@@ -310,14 +335,33 @@ static_resources:
         m.record(
             &conn(Direction::Outbound, "10.244.0.2:1", "1.1.1.1:443", None),
             &id,
+            &wl,
         );
         m.record(
             &conn(Direction::Outbound, "10.244.0.2:2", "8.8.8.8:53", None),
             &id,
+            &wl,
         );
         let series: Vec<_> = m.series().collect();
         assert_eq!(series.len(), 1);
         assert_eq!((series[0].1.closed, series[0].1.sent_bytes), (2, 20));
+
+        // Named workloads fill both ends.
+        let mut named = Workloads::default();
+        named.insert(Some(1), &[], "shop/client".parse().unwrap());
+        let backend = "10.244.0.3".parse().unwrap();
+        named.insert(None, &[backend], "shop/web-v1".parse().unwrap());
+        let c = conn(
+            Direction::Outbound,
+            "10.244.0.2:4000",
+            "10.244.0.3:8080",
+            Some("10.96.0.10:80"),
+        );
+        let l = istio_labels(&c, &id, &named);
+        assert_eq!(get(&l, "source_workload"), "client");
+        assert_eq!(get(&l, "source_workload_namespace"), "shop");
+        assert_eq!(get(&l, "destination_workload"), "web-v1");
+        assert_eq!(get(&l, "destination_canonical_service"), "web-v1");
     }
 
     #[test]

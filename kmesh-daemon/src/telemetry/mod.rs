@@ -18,6 +18,7 @@ pub mod identity;
 pub mod kernel;
 pub mod metrics;
 pub mod server;
+pub mod workload;
 
 use std::{
     io::Write,
@@ -86,6 +87,7 @@ pub struct Telemetry {
     monitoring: AtomicBool,
     format: accesslog::Format,
     identity: RwLock<Identity>,
+    workloads: RwLock<workload::Workloads>,
     tcp: Mutex<TcpMetrics>,
     sink: Mutex<Sink>,
     kernel: kernel::KernelMetrics,
@@ -151,6 +153,7 @@ impl Telemetry {
             monitoring: AtomicBool::new(opts.monitoring),
             format: opts.accesslog_format,
             identity: RwLock::new(Identity::default()),
+            workloads: RwLock::new(workload::Workloads::default()),
             tcp: Mutex::new(TcpMetrics::default()),
             sink: Mutex::new(opts.sink.unwrap_or_else(|| Box::new(std::io::stdout()))),
             kernel: kernel::KernelMetrics::new(counters, dp.all_program_ids()),
@@ -175,6 +178,22 @@ impl Telemetry {
     /// Rebuilds the service identity tables from a config just applied.
     pub fn set_config(&self, cfg: &FlatConfig) {
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Identity::from_config(cfg);
+    }
+
+    /// Names the pod in network namespace `spec.netns`: its netns cookie
+    /// (if its sockets are to be tracked it must be enrolled) and its
+    /// non-loopback addresses, read now (addresses added later are not seen).
+    pub fn register_workload(
+        &self,
+        spec: &workload::WorkloadSpec,
+    ) -> std::io::Result<Vec<std::net::IpAddr>> {
+        let cookie = crate::netns::cookie_of(&spec.netns)?;
+        let ips = workload::addresses_of(&spec.netns)?;
+        self.workloads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Some(cookie), &ips, spec.workload.clone());
+        Ok(ips)
     }
 
     pub fn accesslog_enabled(&self) -> bool {
@@ -222,12 +241,13 @@ impl Telemetry {
     pub fn handle(&self, c: &Connection) {
         self.events.fetch_add(1, Ordering::Relaxed);
         let id = self.identity.read().unwrap_or_else(|p| p.into_inner());
+        let wl = self.workloads.read().unwrap_or_else(|p| p.into_inner());
         self.tcp
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .record(c, &id);
+            .record(c, &id, &wl);
         if c.kind == Kind::Close && self.accesslog_enabled() {
-            let entry = accesslog::Entry::new(c, &id, SystemTime::now(), monotonic_ns());
+            let entry = accesslog::Entry::new(c, &id, &wl, SystemTime::now(), monotonic_ns());
             let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
             let _ = writeln!(sink, "{}", entry.render(self.format));
             let _ = sink.flush();
