@@ -98,7 +98,9 @@ pub fn init() -> LogControl {
     let default = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     let mut levels = BTreeMap::new();
     // A RUST_LOG that is a plain level is the default logger's level; a
-    // complex directive is kept as given.
+    // complex directive applies as given until the first change through
+    // /debug/loggers, which rebuilds the filter from the per-logger levels
+    // (the default one being the directive's most verbose level).
     let start = EnvFilter::try_new(&default).unwrap_or_else(|_| EnvFilter::new("info"));
     levels.insert(
         "default".to_string(),
