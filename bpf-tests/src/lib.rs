@@ -130,6 +130,15 @@ impl Drop for Looping {
     }
 }
 
+/// Outcome of `kmesh-testpod talk`: byte totals as the application saw them.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct TalkReport {
+    pub backends: BTreeMap<String, usize>,
+    pub errors: usize,
+    pub sent: u64,
+    pub received: u64,
+}
+
 /// Connections held open by a client (`kmesh-testpod hold`).
 pub struct Held {
     pub backends: BTreeMap<String, usize>,
@@ -378,6 +387,33 @@ impl Node {
             .stderr(Stdio::inherit())
             .spawn()?;
         Ok(Looping(Some(child)))
+    }
+
+    /// Makes `count` sequential connections from `pod` to `addr`, sending
+    /// `bytes` bytes on each and reading them back (see `kmesh-testpod talk`).
+    pub fn talk(
+        &self,
+        pod: &Pod,
+        addr: SocketAddr,
+        count: usize,
+        bytes: usize,
+    ) -> io::Result<TalkReport> {
+        let out = self
+            .testpod(&pod.netns_path, Some(&pod.cgroup))
+            .arg("talk")
+            .arg(addr.to_string())
+            .arg(count.to_string())
+            .arg(bytes.to_string())
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "testpod talk failed: {}",
+                out.status
+            )));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
     }
 
     /// Opens `count` connections from `pod` to `addr` and keeps them open.

@@ -116,6 +116,119 @@ pub struct SlotKey {
     pub slot: u32,
 }
 
+/// Capacity of the per-connection telemetry map (LRU, keyed by socket
+/// cookie). Entries are deleted when the socket closes; LRU only bounds
+/// what a missed close could leave behind.
+pub const MAX_CONNS: u32 = 65_536;
+/// Default size of the connection-event ring buffer in bytes (a power-of-two
+/// multiple of the page size, as the kernel requires): room for about 8,000
+/// [`ConnEvent`]s between two reads by the daemon.
+pub const EVENT_RING_BYTES: u32 = 1 << 20;
+
+/// [`ConnState::direction`] / [`ConnEvent::direction`]: this pod dialled out.
+pub const DIR_OUTBOUND: u8 = 1;
+/// ... this pod accepted the connection.
+pub const DIR_INBOUND: u8 = 2;
+
+/// [`ConnEvent::kind`]: the connection reached ESTABLISHED.
+pub const EVENT_OPEN: u8 = 1;
+/// [`ConnEvent::kind`]: the connection reached CLOSE; counters are final.
+pub const EVENT_CLOSE: u8 = 2;
+
+/// [`ConnState::flags`]: this side sent its FIN (FIN_WAIT1 or LAST_ACK seen).
+pub const CONN_FIN_SENT: u8 = 1;
+/// [`ConnState::flags`]: the peer's FIN arrived (it counts one sequence
+/// number in `bytes_received`, which is subtracted to report data bytes).
+pub const CONN_FIN_RECEIVED: u8 = 2;
+
+/// Index of the flags word in `KM_TELEMETRY_CFG`.
+pub const TELEMETRY_CFG_FLAGS: u32 = 0;
+/// Index of the kernel log level in `KM_TELEMETRY_CFG`: 0 off, then
+/// aya-log's levels 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+pub const TELEMETRY_CFG_LOG_LEVEL: u32 = 1;
+/// Number of words in `KM_TELEMETRY_CFG`.
+pub const TELEMETRY_CFG_WORDS: u32 = 2;
+
+/// Flags word bit: set = sockops tracks connections and emits events;
+/// clear = it does nothing (one array read per established connection).
+pub const TELEMETRY_CFG_MONITORING: u32 = 1;
+
+/// Per-connection state kept by the `sockops` program from ESTABLISHED to
+/// CLOSE, keyed by socket cookie in `KM_CONN`. Byte counters are the
+/// socket's own at ESTABLISHED, so the handshake's sequence number is not
+/// counted as data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at ESTABLISHED.
+    pub start_ns: u64,
+    /// Network namespace cookie of the enrolled pod that owns the socket.
+    pub netns_cookie: u64,
+    /// `bytes_acked` at ESTABLISHED.
+    pub base_acked: u64,
+    /// `bytes_received` at ESTABLISHED.
+    pub base_received: u64,
+    /// The service address dialled, when the connect programs rewrote it
+    /// (`has_orig_dst`); zero otherwise.
+    pub orig_dst: SockAddr,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// `CONN_FIN_*` bits.
+    pub flags: u8,
+    /// 1 when `orig_dst` is set.
+    pub has_orig_dst: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// One connection event, as the `sockops` program writes it into the
+/// `KM_EVENTS` ring buffer. `OPEN` events carry zero counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// CLOCK_MONOTONIC ns at ESTABLISHED.
+    pub start_ns: u64,
+    /// CLOCK_MONOTONIC ns at this event.
+    pub end_ns: u64,
+    pub netns_cookie: u64,
+    pub sock_cookie: u64,
+    /// Data bytes this side sent that the peer acknowledged (FIN excluded).
+    pub bytes_sent: u64,
+    /// Data bytes this side received in order (FIN excluded).
+    pub bytes_received: u64,
+    /// This socket's address (the pod's side).
+    pub local: SockAddr,
+    /// The peer's address (after the connect rewrite: the backend).
+    pub remote: SockAddr,
+    /// The service address dialled, if `has_orig_dst`.
+    pub orig_dst: SockAddr,
+    /// Smoothed RTT in microseconds at the event.
+    pub srtt_us: u32,
+    /// Segments retransmitted over the connection's life.
+    pub total_retrans: u32,
+    /// `DIR_*`.
+    pub direction: u8,
+    /// `EVENT_*`.
+    pub kind: u8,
+    pub has_orig_dst: u8,
+    /// Always zero.
+    pub pad: u8,
+}
+
+/// Indexes of the per-CPU counters in the `KM_TELEMETRY` map.
+pub mod telemetry {
+    /// Connections of enrolled pods seen reaching ESTABLISHED.
+    pub const CONN_OPENED: u32 = 0;
+    /// ... and reaching CLOSE with their state found.
+    pub const CONN_CLOSED: u32 = 1;
+    /// Events lost because the ring buffer was full (the daemon reads too slowly).
+    pub const EVENTS_DROPPED: u32 = 2;
+    /// Per-connection state that could not be stored (map update failed).
+    pub const CONN_STATE_FAILED: u32 = 3;
+    /// Number of counters.
+    pub const COUNT: u32 = 4;
+}
+
 /// Indexes of the per-CPU counters in the `KM_STATS` map.
 pub mod stats {
     /// connect() calls seen by the connect programs (TCP only).
@@ -145,6 +258,10 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnEvent {}
 }
 
 #[cfg(test)]
@@ -175,6 +292,43 @@ mod tests {
     fn slot_key_layout() {
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(offset_of!(SlotKey, slot), 4);
+    }
+
+    #[test]
+    fn conn_state_layout() {
+        assert_eq!(size_of::<ConnState>(), 56);
+        assert_eq!(align_of::<ConnState>(), 8);
+        assert_eq!(offset_of!(ConnState, netns_cookie), 8);
+        assert_eq!(offset_of!(ConnState, base_acked), 16);
+        assert_eq!(offset_of!(ConnState, base_received), 24);
+        assert_eq!(offset_of!(ConnState, orig_dst), 32);
+        assert_eq!(offset_of!(ConnState, direction), 52);
+        assert_eq!(offset_of!(ConnState, flags), 53);
+        assert_eq!(offset_of!(ConnState, has_orig_dst), 54);
+        assert_eq!(offset_of!(ConnState, pad), 55);
+    }
+
+    #[test]
+    fn conn_event_layout() {
+        // A multiple of 8: the ring buffer reserves 8-byte aligned records.
+        assert_eq!(size_of::<ConnEvent>(), 120);
+        assert_eq!(align_of::<ConnEvent>(), 8);
+        assert_eq!(offset_of!(ConnEvent, end_ns), 8);
+        assert_eq!(offset_of!(ConnEvent, netns_cookie), 16);
+        assert_eq!(offset_of!(ConnEvent, sock_cookie), 24);
+        assert_eq!(offset_of!(ConnEvent, bytes_sent), 32);
+        assert_eq!(offset_of!(ConnEvent, bytes_received), 40);
+        assert_eq!(offset_of!(ConnEvent, local), 48);
+        assert_eq!(offset_of!(ConnEvent, remote), 68);
+        assert_eq!(offset_of!(ConnEvent, orig_dst), 88);
+        assert_eq!(offset_of!(ConnEvent, srtt_us), 108);
+        assert_eq!(offset_of!(ConnEvent, total_retrans), 112);
+        assert_eq!(offset_of!(ConnEvent, direction), 116);
+        assert_eq!(offset_of!(ConnEvent, kind), 117);
+        assert_eq!(offset_of!(ConnEvent, has_orig_dst), 118);
+        assert_eq!(offset_of!(ConnEvent, pad), 119);
+        assert_eq!(EVENT_RING_BYTES % 4096, 0);
+        assert!(EVENT_RING_BYTES.is_power_of_two());
     }
 
     #[test]

@@ -6,12 +6,13 @@
 //! | `/debug/ready` | 200 once config is written and programs attached, else 503 |
 //! | `/debug/config_dump/kernel-native` | the config the daemon holds |
 //! | `/debug/config_dump/bpf/kernel-native` | the same read back from the kernel maps |
+//! | `/accesslog`, `/monitoring`, `/authz`, `/debug/loggers` | see [`crate::telemetry::admin`] |
 
 use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
 };
 
@@ -25,6 +26,10 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub dataplane: Mutex<Option<Dataplane>>,
     pub config: Mutex<Option<FlatConfig>>,
+    /// Set once telemetry has started.
+    pub telemetry: OnceLock<Arc<crate::telemetry::Telemetry>>,
+    /// Set when the process installed a reloadable log filter.
+    pub logging: OnceLock<crate::logging::LogControl>,
 }
 
 impl AdminState {
@@ -33,6 +38,8 @@ impl AdminState {
             ready: AtomicBool::new(false),
             dataplane: Mutex::new(None),
             config: Mutex::new(None),
+            telemetry: OnceLock::new(),
+            logging: OnceLock::new(),
         })
     }
 }
@@ -43,6 +50,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/debug/ready", get(ready))
         .route("/debug/config_dump/kernel-native", get(config_dump))
         .route("/debug/config_dump/bpf/kernel-native", get(bpf_dump))
+        .merge(crate::telemetry::admin::routes())
         .with_state(state)
 }
 

@@ -31,7 +31,7 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
 use kmesh_abi::{stats, ServiceValue, SlotKey, SockAddr, ABI_VERSION, LB_RANDOM};
@@ -51,6 +51,13 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
     "kmesh_getpeername4",
     "kmesh_getpeername6",
 ];
+
+/// The connection-tracking `sockops` program (see `kmesh-ebpf/src/sockops.rs`).
+pub const SOCKOPS_PROGRAM: &str = "kmesh_sockops";
+
+/// Connection-telemetry maps (handed to `telemetry::Telemetry`), pinned
+/// for inspection too (`bpftool map dump pinned <pin dir>/KM_CONN`).
+pub const TELEMETRY_MAPS: [&str; 3] = ["KM_CONN", "KM_TELEMETRY", "KM_TELEMETRY_CFG"];
 
 /// Names of the maps, as bpftool shows them.
 pub const MAPS: [&str; 7] = [
@@ -102,6 +109,9 @@ pub enum DataplaneError {
 #[derive(Debug, Clone, Default)]
 pub struct DataplaneOptions {
     pub pin_dir: Option<PathBuf>,
+    /// Size of the connection-event ring buffer in bytes (a power-of-two
+    /// multiple of the page size); `None` = `kmesh_abi::EVENT_RING_BYTES`.
+    pub event_ring_bytes: Option<u32>,
 }
 
 /// How [`Dataplane::load`] found the pin directory.
@@ -258,9 +268,12 @@ impl Dataplane {
                 None => {}
             }
             std::fs::create_dir_all(dir.join("links")).map_err(|e| pin_err(dir, e))?;
-            for name in MAPS {
+            for name in MAPS.into_iter().chain(TELEMETRY_MAPS).chain(["KM_EVENTS"]) {
                 loader.map_pin_path(name, dir.join(name));
             }
+        }
+        if let Some(bytes) = opts.event_ring_bytes {
+            loader.map_max_entries("KM_EVENTS", bytes);
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in CONNECT_PROGRAMS {
@@ -271,6 +284,12 @@ impl Dataplane {
                     source,
                 })?;
         }
+        sockops_program(&mut ebpf)?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                program: SOCKOPS_PROGRAM,
+                source,
+            })?;
         let mut abi: aya::maps::Array<MapData, u32> = take(&mut ebpf, "KM_ABI")?;
         abi.set(0, ABI_VERSION, 0)
             .map_err(|e| DataplaneError::MapIo {
@@ -367,26 +386,28 @@ impl Dataplane {
             cgroup: cgroup.to_path_buf(),
             source,
         };
+        // With bpf_link (Linux 5.7+, what aya uses here) cgroup attachments
+        // always coexist with other programs; the kernel rejects any flag on
+        // link_create, so the mode must be Single.
         for name in CONNECT_PROGRAMS {
-            // With bpf_link (Linux 5.7+, what aya uses here) cgroup
-            // attachments always coexist with other programs; the kernel
-            // rejects any flag on link_create, so the mode must be Single.
             let prog = program(&mut self.ebpf, name)?;
             let id = prog
                 .attach(&file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name, e))?;
-            let Some(dir) = &self.pin_dir else { continue };
-            let link = prog.take_link(id).map_err(|e| attach_err(name, e))?;
-            let fd_link =
-                aya::programs::links::FdLink::try_from(link).map_err(|e| pin_err(dir, e))?;
-            let path = dir
-                .join("links")
-                .join(format!("{name}@{}", std::process::id()));
-            let _ = std::fs::remove_file(&path);
-            self.links
-                .push(fd_link.pin(&path).map_err(|e| pin_err(&path, e))?);
-            // Ours is pinned: retire the links of earlier daemons.
-            remove_links_except(&dir.join("links"), name, &path);
+            if self.pin_dir.is_some() {
+                let link = prog.take_link(id).map_err(|e| attach_err(name, e))?;
+                self.pin_link(name, link.try_into())?;
+            }
+        }
+        let prog = sockops_program(&mut self.ebpf)?;
+        let id = prog
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(|e| attach_err(SOCKOPS_PROGRAM, e))?;
+        if self.pin_dir.is_some() {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(SOCKOPS_PROGRAM, e))?;
+            self.pin_link(SOCKOPS_PROGRAM, link.try_into())?;
         }
         if let Some(dir) = &self.pin_dir {
             if let Some(parent) = dir.parent() {
@@ -398,6 +419,42 @@ impl Dataplane {
         }
         self.attached_to = Some(cgroup.to_path_buf());
         Ok(())
+    }
+
+    /// Pins our link of `program` as `links/<program>@<pid>`, then removes
+    /// the pins of earlier daemons' links of the same program (which
+    /// detaches them): there is never a moment without a pinned link.
+    fn pin_link(
+        &mut self,
+        program: &'static str,
+        link: Result<aya::programs::links::FdLink, aya::programs::links::LinkError>,
+    ) -> Result<(), DataplaneError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        let link = link.map_err(|e| pin_err(dir, e))?;
+        let links = dir.join("links");
+        let path = links.join(format!("{program}@{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        self.links
+            .push(link.pin(&path).map_err(|e| pin_err(&path, e))?);
+        remove_links_except(&links, program, &path);
+        Ok(())
+    }
+
+    /// Hands a map still held by the loaded object over to its user (the
+    /// telemetry reader takes `KM_EVENTS`, `KM_TELEMETRY`, `KM_TELEMETRY_CFG`
+    /// and `KM_CONN`); `None` if it is not there or already taken.
+    pub fn take_map(&mut self, name: &str) -> Option<Map> {
+        self.ebpf.take_map(name)
+    }
+
+    /// Kernel ids of every loaded program of the object, by name.
+    pub fn all_program_ids(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_string(), p.info().ok()?.id())))
+            .collect()
     }
 
     /// The cgroup the programs are attached to, if any.
@@ -576,6 +633,19 @@ fn remove_links_except(links: &Path, program: &str, keep: &Path) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, DataplaneError> {
+    ebpf.program_mut(SOCKOPS_PROGRAM)
+        .ok_or(DataplaneError::Map {
+            map: SOCKOPS_PROGRAM,
+            detail: "program not in the object".into(),
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: SOCKOPS_PROGRAM,
+            source,
+        })
 }
 
 fn program<'a>(

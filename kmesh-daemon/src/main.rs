@@ -13,7 +13,7 @@ use kmesh_daemon::{
     admin::{self, AdminState},
     dataplane::{Dataplane, DataplaneOptions},
     enroll::kubernetes::{self, HostResolver},
-    netns, sys,
+    logging, netns, sys, telemetry,
 };
 use std::collections::BTreeSet;
 
@@ -93,6 +93,34 @@ struct RunArgs {
     /// Admin API address.
     #[arg(long, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15200")]
     admin_addr: SocketAddr,
+
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct TelemetryArgs {
+    /// Prometheus endpoint (/status/metric and /metrics), as Istio's :15020.
+    #[arg(long, env = "KMESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Start with the access log on (switch at runtime: POST /accesslog?enable=).
+    #[arg(long, env = "KMESH_ACCESSLOG")]
+    accesslog: bool,
+    /// Access log line format.
+    #[arg(
+        long,
+        value_enum,
+        env = "KMESH_ACCESSLOG_FORMAT",
+        default_value = "text"
+    )]
+    accesslog_format: telemetry::accesslog::Format,
+    /// Start with connection tracking off (switch at runtime: POST /monitoring?enable=).
+    #[arg(long, env = "KMESH_NO_MONITORING")]
+    no_monitoring: bool,
+    /// Name the pod in a network namespace for metrics and access logs
+    /// (without Kubernetes, workloads are otherwise "unknown"); repeatable.
+    #[arg(long = "workload", value_name = "NETNS_PATH=NAMESPACE/NAME")]
+    workloads: Vec<telemetry::workload::WorkloadSpec>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,14 +136,7 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let log_control = logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Uninstall { bpf_fs_path }) => uninstall(&bpf_fs_path),
@@ -125,7 +146,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(cli.run))),
+            .and_then(|rt| rt.block_on(run(cli.run, log_control))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,7 +202,7 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<()> {
     if args.mode == Mode::DualEngine {
         bail!("--mode dual-engine is not implemented in this version; use --mode kernel-native");
     }
@@ -214,13 +235,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pins = pin_dir(&args.bpf_fs_path);
 
     let state = AdminState::new();
+    let _ = state.logging.set(log_control);
     let admin = tokio::spawn(admin::serve(args.admin_addr, state.clone()));
+    // Metrics are not worth failing the dataplane for: a busy port is logged.
+    let metrics_state = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = telemetry::server::serve(args.telemetry.metrics_addr, metrics_state).await {
+            tracing::error!("{e}");
+        }
+    });
 
     let mut dp = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(pins.clone()),
+        ..Default::default()
     })?;
+    let tel = telemetry::Telemetry::start(
+        &mut dp,
+        telemetry::TelemetryOptions {
+            accesslog: args.telemetry.accesslog,
+            accesslog_format: args.telemetry.accesslog_format,
+            monitoring: !args.telemetry.no_monitoring,
+            ..Default::default()
+        },
+    )?;
     tracing::info!(state = ?dp.pinned_state(), pins = %pins.display(), "maps loaded");
-    let summary = dp.apply(&flat)?;
+    let applied = dp.apply(&flat);
+    telemetry::record_config_apply(applied.is_ok());
+    let summary = applied?;
+    tel.set_config(&flat);
+    for w in &args.telemetry.workloads {
+        let ips = tel
+            .register_workload(w)
+            .with_context(|| format!("--workload {}", w.netns.display()))?;
+        tracing::info!(netns = %w.netns.display(), workload = %format!("{}/{}", w.workload.namespace, w.workload.name), ?ips, "workload named");
+    }
+    let _ = state.telemetry.set(tel);
     tracing::info!(
         added = summary.added,
         changed = summary.changed,

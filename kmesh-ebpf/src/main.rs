@@ -12,6 +12,8 @@
 #![no_std]
 #![no_main]
 
+mod sockops;
+
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
@@ -22,8 +24,8 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use kmesh_abi::{
-    stats, ServiceValue, SlotKey, SockAddr, FAMILY_V4, LB_RANDOM, MAX_ENROLLED_NETNS,
-    MAX_ORIG_DST, MAX_SERVICES, MAX_SLOTS,
+    stats, ServiceValue, SlotKey, SockAddr, FAMILY_V4, LB_RANDOM, MAX_ENROLLED_NETNS, MAX_ORIG_DST,
+    MAX_SERVICES, MAX_SLOTS,
 };
 
 /// Network namespaces whose sockets kmesh-rs manages (netns cookie → 1).

@@ -21,6 +21,7 @@ use crate::{bin_dir, step};
 const MESH: &str = include_str!("../demo/mesh.yaml");
 const ADMIN: &str = "127.0.0.1:15200";
 const BPF_FS: &str = "/sys/fs/bpf";
+const METRICS: &str = "127.0.0.1:15020";
 
 pub fn run() -> anyhow::Result<()> {
     if !crate::is_root() {
@@ -74,11 +75,24 @@ pub fn run() -> anyhow::Result<()> {
         .arg("--cgroup2-path")
         .arg(&node.cgroup)
         .args(["--bpf-fs-path", BPF_FS, "--admin-addr", ADMIN])
-        .stdout(Stdio::null())
+        .args(["--metrics-addr", METRICS])
+        .arg("--workload")
+        .arg(format!("{}=demo/client", client.netns_path.display()))
+        .args(servers.iter().flat_map(|s| {
+            [
+                "--workload".to_string(),
+                format!("{}=demo/{}", s.netns_path.display(), s.name),
+            ]
+        }))
+        .stdout(std::fs::File::create(log.with_extension("accesslog"))?)
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting kmesh-daemon")?;
-    let result = drive(&node, &client, &outsider, &mut daemon);
+    let result = drive(&node, &client, &outsider, &mut daemon).and_then(|ids| {
+        observe(&node, &client, &log.with_extension("accesslog"))?;
+        Ok(ids)
+    });
+    let _ = std::fs::remove_file(log.with_extension("accesslog"));
     if daemon.try_wait()?.is_none() {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
@@ -204,4 +218,76 @@ fn drive(
     let dump: serde_json::Value = serde_json::from_str(&body)?;
     eprintln!("    kernel counters (KM_STATS): {}", dump["stats"]);
     Ok(ids)
+}
+
+/// Access log and metrics of a few connections, switched on with kmeshctl.
+fn observe(node: &Node, client: &Pod, accesslog: &Path) -> anyhow::Result<()> {
+    step("observability: kmeshctl accesslog enable, 3 connections, their log lines and metrics");
+    let out = Command::new(bin_dir().join("kmeshctl"))
+        .args(["--admin-addr", ADMIN, "accesslog", "enable"])
+        .output()
+        .context("running kmeshctl")?;
+    ensure!(
+        out.status.success(),
+        "kmeshctl accesslog enable: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        eprintln!("    {line}");
+    }
+    let r = node.talk(client, "10.96.0.10:80".parse()?, 3, 1000)?;
+    ensure!(r.errors == 0, "talk: {r:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let text = std::fs::read_to_string(accesslog).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("accesslog: "))
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= 3 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!();
+    for l in &lines {
+        eprintln!("    {l}");
+    }
+    ensure!(
+        lines.len() == 3,
+        "expected 3 access log lines, got {}",
+        lines.len()
+    );
+    let (_, body) = http_get(METRICS.parse()?, "/status/metric").context("metrics")?;
+    eprintln!("\n    http://{METRICS}/status/metric (excerpt):");
+    for l in body.lines().filter(|l| {
+        l.starts_with("istio_tcp_sent_bytes_total{reporter=\"source\"")
+            && l.contains("destination_service=\"web\"")
+            || l.starts_with("kmesh_map_entries")
+    }) {
+        eprintln!("    {l}");
+    }
+    // Kernel cost per program run, from the bpf_stats counters.
+    let value = |metric: &str, program: &str| -> Option<f64> {
+        body.lines()
+            .find(|l| l.starts_with(&format!("{metric}{{program=\"{program}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    eprintln!("\n    {:<20} {:>8} {:>12}", "program", "runs", "ns per run");
+    for p in [
+        "kmesh_connect4",
+        "kmesh_connect6",
+        "kmesh_getpeername4",
+        "kmesh_sockops",
+    ] {
+        if let (Some(n), Some(t)) = (
+            value("kmesh_bpf_prog_run_count_total", p),
+            value("kmesh_bpf_prog_run_time_seconds_total", p),
+        ) {
+            let per = if n > 0.0 { t * 1e9 / n } else { 0.0 };
+            eprintln!("    {p:<20} {n:>8} {per:>12.0}");
+        }
+    }
+    Ok(())
 }

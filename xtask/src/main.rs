@@ -101,6 +101,9 @@ fn test() -> anyhow::Result<()> {
         );
     }
     setup::run()?;
+    // The observability test scrapes a real daemon with a real Prometheus.
+    step("checking Prometheus for the dashboard test");
+    setup::ensure_debian(&[("prometheus", "prometheus"), ("promtool", "prometheus")])?;
     step("cargo fmt --check");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
     build()?;

@@ -8,6 +8,10 @@
 //!   `peer_mismatch` counts connections whose getpeername() was not ADDR.
 //! - `loop ADDR MILLIS`: sequential connections to ADDR for MILLIS
 //!   milliseconds; prints the same JSON line as `connect`.
+//! - `talk ADDR COUNT BYTES`: COUNT sequential connections to ADDR; on each,
+//!   reads the backend's name line, sends BYTES bytes, reads the BYTES echoed
+//!   back, then closes; prints `{"backends":{..},"errors":n,"sent":n,"received":n}`
+//!   with the byte totals as the application saw them (name lines included).
 //! - `hold ADDR COUNT`: opens COUNT connections, prints their backends as a
 //!   JSON line, then for every line `check` on stdin sends a probe on each
 //!   connection and prints how many echoed it back; ends on EOF.
@@ -37,12 +41,17 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") if args.len() >= 3 => serve(&args[1], &args[2..]),
         Some("connect") if args.len() == 3 => connect(parse_addr(&args[1]), parse_count(&args[2]), None),
+        Some("talk") if args.len() == 4 => talk(
+            parse_addr(&args[1]),
+            parse_count(&args[2]),
+            parse_count(&args[3]),
+        ),
         Some("hold") if args.len() == 3 => hold(parse_addr(&args[1]), parse_count(&args[2])),
         Some("loop") if args.len() == 3 => {
             let until = std::time::Instant::now() + Duration::from_millis(parse_count(&args[2]) as u64);
             connect(parse_addr(&args[1]), usize::MAX, Some(until))
         }
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | hold ADDR N"),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N"),
     }
 }
 
@@ -151,6 +160,43 @@ fn connect(addr: SocketAddr, count: usize, until: Option<std::time::Instant>) {
     println!(
         "{}",
         serde_json::json!({"backends": backends, "errors": errors, "peer_mismatch": peer_mismatch, "error_kinds": error_kinds})
+    );
+}
+
+fn talk(addr: SocketAddr, count: usize, bytes: usize) {
+    let mut backends: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut errors, mut sent, mut received) = (0usize, 0usize, 0usize);
+    let payload: Vec<u8> = (0..bytes).map(|i| b'a' + (i % 26) as u8).collect();
+    for _ in 0..count {
+        let one = || -> std::io::Result<(String, usize, usize)> {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            // Generous: byte counts are compared exactly, so a client that
+            // gave up on a slow (loaded) server would skew them.
+            s.set_read_timeout(Some(Duration::from_secs(15)))?;
+            let mut r = BufReader::new(s);
+            let mut name = String::new();
+            r.read_line(&mut name)?;
+            let name = name.trim().to_string();
+            r.get_mut().write_all(&payload)?;
+            let mut back = vec![0u8; bytes];
+            r.read_exact(&mut back)?;
+            if back != payload {
+                return Err(std::io::Error::other("echo differs"));
+            }
+            Ok((name.clone(), bytes, name.len() + 1 + bytes))
+        };
+        match one() {
+            Ok((name, s, r)) => {
+                *backends.entry(name).or_default() += 1;
+                sent += s;
+                received += r;
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"backends": backends, "errors": errors, "sent": sent, "received": received})
     );
 }
 

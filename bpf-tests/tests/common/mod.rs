@@ -115,6 +115,11 @@ pub fn compile(yaml: &str) -> xds_adapter::FlatConfig {
 /// a server named after the pod on port 8080 (v4 and v6), and a catcher
 /// named `node` answering on `catch` addresses in the node namespace.
 pub fn mesh(n: usize, catch: &[SocketAddr]) -> Mesh {
+    mesh_with(n, catch, &DataplaneOptions::default())
+}
+
+/// [`mesh`] with dataplane options.
+pub fn mesh_with(n: usize, catch: &[SocketAddr], opts: &DataplaneOptions) -> Mesh {
     bpf_tests::require_root();
     let mut node = Node::new("kmt", std::path::Path::new(TESTPOD)).expect("node");
     let client = node.add_pod("client").expect("client pod");
@@ -128,7 +133,7 @@ pub fn mesh(n: usize, catch: &[SocketAddr]) -> Mesh {
     if !catch.is_empty() {
         node.serve_on_node("node", catch).expect("catcher");
     }
-    let mut dp = Dataplane::load(&DataplaneOptions::default()).expect("load dataplane");
+    let mut dp = Dataplane::load(opts).expect("load dataplane");
     let cookie = kmesh_daemon::netns::cookie_of(&client.netns_path).expect("netns cookie");
     dp.enroll(cookie).expect("enroll");
     dp.attach(&node.cgroup).expect("attach");
@@ -230,6 +235,8 @@ impl Daemon {
             .arg(bpffs)
             .arg("--admin-addr")
             .arg(admin.to_string())
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", free_port()))
             .args(extra)
             .stderr(Stdio::inherit())
             .spawn()
