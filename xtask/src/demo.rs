@@ -120,7 +120,7 @@ pub fn run() -> anyhow::Result<()> {
             .unwrap_or(true);
         ensure!(gone, "program id {id} is still loaded");
     }
-    eprintln!("    connect programs unloaded");
+    eprintln!("    every program that was attached to the sandbox cgroup is unloaded");
     step("tearing down the sandbox");
     drop(node);
     eprintln!("    done");
@@ -149,15 +149,28 @@ fn drive(
     }
     eprintln!("    {ADMIN}/debug/ready answered 200");
 
-    step("bpftool prog show (our programs)");
-    let mut ids = Vec::new();
-    match Command::new("bpftool").args(["prog", "show"]).output() {
+    // Ours are exactly the programs attached to the sandbox's cgroup (other
+    // processes on the machine may load programs with similar names).
+    step("bpftool prog show (the programs attached to the sandbox cgroup)");
+    let mut ids: Vec<u32> = Vec::new();
+    match Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&node.cgroup)
+        .output()
+    {
         Ok(out) if out.status.success() => {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if line.contains("kmesh_") {
-                    eprintln!("    {line}");
-                    if let Some(id) = line.split(':').next().and_then(|i| i.trim().parse().ok()) {
-                        ids.push(id);
+                if let Some(id) = line.split_whitespace().next().and_then(|i| i.parse().ok()) {
+                    ids.push(id);
+                }
+            }
+            for id in &ids {
+                if let Ok(p) = Command::new("bpftool")
+                    .args(["prog", "show", "id", &id.to_string()])
+                    .output()
+                {
+                    if let Some(line) = String::from_utf8_lossy(&p.stdout).lines().next() {
+                        eprintln!("    {line}");
                     }
                 }
             }
