@@ -185,6 +185,16 @@ fn http(addrs: &[String]) {
     for a in addrs {
         let addr = parse_addr(a);
         let l = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
+        // std listens with a backlog of 128; 1,024 clients connecting at
+        // once would overflow it and see SYN retries. listen(2) again on a
+        // listening socket only changes the backlog (capped by somaxconn).
+        // SAFETY: `l` owns a valid listening socket fd.
+        if unsafe { libc::listen(l.as_raw_fd(), 4096) } != 0 {
+            die(&format!(
+                "listen {addr}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
         threads.push(std::thread::spawn(move || {
             for s in l.incoming().flatten() {
                 // A failed spawn (thread limit) drops this connection only.

@@ -456,6 +456,7 @@ pub fn mesh_config(vip: SocketAddr, backend: SocketAddr) -> String {
 impl Bed {
     pub fn new(envoy: &Path, rel: &Path) -> anyhow::Result<Bed> {
         crate::step("test bed: node namespace, client and server pods, upstream, Envoys");
+        sweep_stale_bpffs_dirs();
         let testpod = rel.join("kmesh-testpod");
         let mut node = Node::new("kmbench", &testpod)?;
         let client = node.add_pod("client")?;
@@ -831,6 +832,26 @@ impl Cpu {
             daemon: self.daemon - b.daemon,
             bpf_ns: self.bpf_ns.saturating_sub(b.bpf_ns),
             bpf_runs: self.bpf_runs.saturating_sub(b.bpf_runs),
+        }
+    }
+}
+
+/// Removes the (empty) bpffs directories `kmbench-<pid>-…` of bench runs
+/// that were killed before cleaning up; their daemons removed the pins.
+fn sweep_stale_bpffs_dirs() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("kmbench-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            // Only empty directories go: a left pin means a daemon still
+            // runs or crashed, and `kmesh-daemon uninstall` is for that.
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }

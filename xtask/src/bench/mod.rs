@@ -8,7 +8,7 @@
 //! daemon library, to time the map writer in-process), and runs that
 //! binary with the same arguments. Everything measured is a release build.
 //!
-//! Options: `--reps N` (default 3), `--duration SECS` per measured run
+//! Options: `--reps N` (default 5), `--duration SECS` per measured run
 //! (default 8), `--warmup SECS` (default 1), `--conns 1,64,1024`,
 //! `--quick` (1 s runs, 1 repetition: checks the plumbing, numbers are
 //! noise), `--no-write` (do not touch BENCHMARKS.md).
@@ -40,7 +40,7 @@ pub struct Opts {
 
 fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
     let mut o = Opts {
-        reps: 3,
+        reps: 5,
         duration_s: 8,
         warmup_s: 1,
         conns: vec![1, 64, 1024],
@@ -198,14 +198,14 @@ mod tests {
     #[test]
     fn options() {
         let o = parse_opts(&[]).unwrap();
-        assert_eq!((o.reps, o.duration_s, o.warmup_s), (3, 8, 1));
+        assert_eq!((o.reps, o.duration_s, o.warmup_s), (5, 8, 1));
         assert_eq!(o.conns, vec![1, 64, 1024]);
         assert_eq!(o.command, "cargo xtask bench");
-        let o = parse_opts(&args("--reps 5 --conns 1,8 --no-write")).unwrap();
-        assert_eq!((o.reps, o.conns.clone(), o.write), (5, vec![1, 8], false));
+        let o = parse_opts(&args("--reps 7 --conns 1,8 --no-write")).unwrap();
+        assert_eq!((o.reps, o.conns.clone(), o.write), (7, vec![1, 8], false));
         assert_eq!(
             o.command,
-            "cargo xtask bench --reps 5 --conns 1,8 --no-write"
+            "cargo xtask bench --reps 7 --conns 1,8 --no-write"
         );
         assert!(parse_opts(&args("--quick")).unwrap().quick);
         assert!(parse_opts(&args("--reps")).is_err());
