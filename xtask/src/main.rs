@@ -118,6 +118,19 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The bench code is behind a feature; lint it too so it cannot rot.
+    run_cmd(cargo().args([
+        "clippy",
+        "--locked",
+        "-p",
+        "xtask",
+        "--features",
+        "bench",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     step("unit tests, then kernel tests (bpf-tests: real sockets in network namespaces)");
     run_cmd(cargo().args(["test", "--locked", "--workspace"]))?;
     eprintln!("\nall tests passed");
