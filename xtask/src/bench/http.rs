@@ -857,7 +857,7 @@ fn sweep_stale_bpffs_dirs() {
 }
 
 /// CPU seconds all CPUs of the machine have been busy so far.
-fn machine_busy_s() -> f64 {
+pub fn machine_busy_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     proc_stat_busy(&stat).map(|(busy, _)| busy).unwrap_or(0) as f64 / clk_tck()
 }

@@ -16,7 +16,7 @@ use anyhow::{ensure, Context};
 use kmesh_daemon::dataplane::{Dataplane, DataplaneOptions};
 
 use super::{
-    http::Bed,
+    http::{cgroup_cpu_s, machine_busy_s, Bed},
     stats::{quantile, status_kb},
     Opts,
 };
@@ -24,7 +24,7 @@ use super::{
 pub const CONNECT_SCALES: [usize; 3] = [10, 1_000, 10_000];
 pub const CONFIG_SCALES: [usize; 2] = [1_000, 10_000];
 /// Connect-cost rounds per scale (for the spread).
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// VIPs dialled per round, spread over the table, and connects to each.
 const VIPS_PER_ROUND: usize = 5;
 
@@ -32,6 +32,9 @@ pub struct ConnectCost {
     pub services: usize,
     /// Per round: mean ns per run of each program (name → ns), and runs.
     pub rounds: Vec<Vec<(String, f64, u64)>>,
+    /// Per round: cores used by processes outside the node (other work
+    /// on a shared machine), which inflates program run time.
+    pub other_cores: Vec<f64>,
     pub ready_ms: f64,
     pub rss_kb: u64,
     pub hwm_kb: u64,
@@ -117,6 +120,7 @@ pub fn run(opts: &Opts, bed: &Bed) -> anyhow::Result<KernelResults> {
         let mut c = ConnectCost {
             services: n,
             rounds: Vec::new(),
+            other_cores: Vec::new(),
             ready_ms: d.ready_after.as_secs_f64() * 1e3,
             rss_kb: status_kb(&status, "VmRSS").unwrap_or(0),
             hwm_kb: status_kb(&status, "VmHWM").unwrap_or(0),
@@ -127,6 +131,11 @@ pub fn run(opts: &Opts, bed: &Bed) -> anyhow::Result<KernelResults> {
                 .iter()
                 .map(|p| d.bpf_stats(&[p.as_str()]))
                 .collect::<anyhow::Result<_>>()?;
+            let (t0, busy0, node0) = (
+                Instant::now(),
+                machine_busy_s(),
+                cgroup_cpu_s(&bed.node.cgroup),
+            );
             for k in 0..VIPS_PER_ROUND {
                 let target = vip(k * (n - 1) / (VIPS_PER_ROUND - 1));
                 let r = bed.node.connect(&bed.client, target, per_vip)?;
@@ -135,6 +144,9 @@ pub fn run(opts: &Opts, bed: &Bed) -> anyhow::Result<KernelResults> {
                     "{n} services: connects to {target} did not all reach the server with the VIP as peer: {r:?}"
                 );
             }
+            let busy = machine_busy_s() - busy0 - (cgroup_cpu_s(&bed.node.cgroup) - node0);
+            c.other_cores
+                .push((busy / t0.elapsed().as_secs_f64()).max(0.0));
             let mut round = Vec::new();
             for (p, (ns0, cnt0)) in names.iter().zip(before) {
                 let (ns1, cnt1) = d.bpf_stats(&[p.as_str()])?;

@@ -352,9 +352,9 @@ pub fn render(
     let progs = ["kmesh_connect4", "kmesh_getpeername4"];
     let _ = writeln!(
         w,
-        "| services | connect4 ns/connect | ×vs 10 services | getpeername4 ns/call | connect4 < 2 µs |"
+        "| services | connect4 ns/connect | ×vs 10 services | getpeername4 ns/call | connect4 < 2 µs (every round) | other load during the rounds (cores) |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
     let per = |c: &super::kernel::ConnectCost, p: &str| {
         Spread::of(
             &c.rounds
@@ -375,9 +375,12 @@ pub fn render(
             (Some(a), Some(b)) => format!("{:.2}", a.median / b.median),
             _ => "–".into(),
         };
+        let other = Spread::of(&c.other_cores)
+            .map(|s| format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max))
+            .unwrap_or_else(|| "–".into());
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {other} |",
             c.services,
             f(c4),
             rel,
