@@ -5,7 +5,10 @@
 //! - `test`: setup, fmt, clippy, then every test, kernel tests included (root)
 //! - `demo`: a sandbox node with pods, the daemon on the embedded mesh,
 //!   traffic, a table of where connections went, teardown
+//! - `bench`: kmesh-rs against no mesh and Envoy, kernel cost per connect,
+//!   config scale; writes its section of BENCHMARKS.md (see `bench/mod.rs`)
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -23,8 +26,9 @@ fn main() -> ExitCode {
         Some("build") => setup::run().and_then(|()| build()),
         Some("test") => test(),
         Some("demo") => demo::run(),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build|test|demo>");
+            eprintln!("usage: cargo xtask <setup|build|test|demo|bench>");
             return ExitCode::from(2);
         }
     };
@@ -112,6 +116,19 @@ fn test() -> anyhow::Result<()> {
         "clippy",
         "--locked",
         "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The bench code is behind a feature; lint it too so it cannot rot.
+    run_cmd(cargo().args([
+        "clippy",
+        "--locked",
+        "-p",
+        "xtask",
+        "--features",
+        "bench",
         "--all-targets",
         "--",
         "-D",

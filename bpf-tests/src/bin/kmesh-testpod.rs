@@ -15,6 +15,10 @@
 //! - `hold ADDR COUNT`: opens COUNT connections, prints their backends as a
 //!   JSON line, then for every line `check` on stdin sends a probe on each
 //!   connection and prints how many echoed it back; ends on EOF.
+//! - `http ADDR...`: a minimal HTTP/1.1 server for benchmarks: every
+//!   request gets `200 ok` (2-byte body); keep-alive unless the request
+//!   says `Connection: close`. One thread per connection (64 KiB stacks),
+//!   so 1,000+ concurrent connections cost memory, not CPU.
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -51,7 +55,8 @@ fn main() {
             let until = std::time::Instant::now() + Duration::from_millis(parse_count(&args[2]) as u64);
             connect(parse_addr(&args[1]), usize::MAX, Some(until))
         }
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N"),
+        Some("http") if args.len() >= 2 => http(&args[1..]),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR..."),
     }
 }
 
@@ -227,5 +232,98 @@ fn hold(addr: SocketAddr, count: usize) {
         }
         println!("{}", serde_json::json!({ "echoed": ok, "of": conns.len() }));
         let _ = std::io::stdout().flush();
+    }
+}
+
+fn http(addrs: &[String]) {
+    let mut threads = Vec::new();
+    for a in addrs {
+        let addr = parse_addr(a);
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
+        // std listens with a backlog of 128; 1,024 clients connecting at
+        // once would overflow it and see SYN retries. listen(2) again on a
+        // listening socket only changes the backlog (capped by somaxconn).
+        // SAFETY: `l` owns a valid listening socket fd.
+        if unsafe { libc::listen(l.as_raw_fd(), 4096) } != 0 {
+            die(&format!(
+                "listen {addr}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        threads.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                // A failed spawn (thread limit) drops this connection only.
+                let _ = std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || http_conn(s));
+            }
+        }));
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// Serves requests on one connection until the client closes it or asks
+/// for `Connection: close`. Requests are expected without a body (GET);
+/// pipelined requests are answered in order.
+fn http_conn(mut s: TcpStream) {
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+    const OK_CLOSE: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+    let _ = s.set_nodelay(true);
+    let mut buf = vec![0u8; 8192];
+    let mut have = 0;
+    loop {
+        // Answer every complete request head in the buffer.
+        while let Some(end) = find_head_end(&buf[..have]) {
+            let close = wants_close(&buf[..end]);
+            if s.write_all(if close { OK_CLOSE } else { OK }).is_err() || close {
+                return;
+            }
+            buf.copy_within(end..have, 0);
+            have -= end;
+        }
+        if have == buf.len() {
+            return; // a request head larger than 8 KiB: not ours to serve
+        }
+        match s.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => have += n,
+        }
+    }
+}
+
+/// Length of the request head (up to and including the blank line).
+fn find_head_end(b: &[u8]) -> Option<usize> {
+    b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+fn wants_close(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("connection:") && l.contains("close")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads() {
+        assert_eq!(
+            find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET"),
+            Some(27)
+        );
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert!(wants_close(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(wants_close(b"GET / HTTP/1.1\r\nconnection: Close\r\n\r\n"));
+        assert!(!wants_close(
+            b"GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        assert!(!wants_close(b"GET /close HTTP/1.1\r\nHost: close\r\n\r\n"));
     }
 }
