@@ -8,6 +8,7 @@
 //! - [`admin`]: the admin HTTP API on 127.0.0.1:15200.
 
 pub mod admin;
+pub mod authz;
 pub mod dataplane;
 pub mod enroll;
 pub mod netns;

@@ -12,6 +12,9 @@
 #![no_std]
 #![no_main]
 
+/// Dual-engine L4 authorization (XDP + tail calls).
+mod authz;
+
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},

@@ -19,6 +19,10 @@ use std::{
     time::Duration,
 };
 
+/// Connect timeout (`--timeout-ms`, default 3000): a short one lets a
+/// test tell a dropped SYN from a slow accept quickly.
+static CONNECT_TIMEOUT_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     while args.first().is_some_and(|a| a.starts_with("--")) {
@@ -31,6 +35,12 @@ fn main() {
                 std::process::id().to_string(),
             )
             .unwrap_or_else(|e| die(&format!("joining cgroup {value}: {e}"))),
+            "--timeout-ms" => {
+                let ms = value
+                    .parse()
+                    .unwrap_or_else(|_| die(&format!("--timeout-ms {value}: not a number")));
+                let _ = CONNECT_TIMEOUT_MS.set(ms);
+            }
             _ => die(&format!("unknown flag {flag}")),
         }
     }
@@ -42,7 +52,7 @@ fn main() {
             let until = std::time::Instant::now() + Duration::from_millis(parse_count(&args[2]) as u64);
             connect(parse_addr(&args[1]), usize::MAX, Some(until))
         }
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | hold ADDR N"),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | hold ADDR N"),
     }
 }
 
@@ -112,7 +122,8 @@ fn echo(mut s: TcpStream, name: &str) {
 
 /// Connects and reads the backend's name.
 fn dial(addr: SocketAddr) -> std::io::Result<(String, bool, BufReader<TcpStream>)> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    let timeout = Duration::from_millis(*CONNECT_TIMEOUT_MS.get().unwrap_or(&3000));
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let peer_ok = s.peer_addr()? == addr;
     let mut r = BufReader::new(s);
