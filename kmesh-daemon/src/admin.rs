@@ -6,6 +6,8 @@
 //! | `/debug/ready` | 200 once config is written and programs attached, else 503 |
 //! | `/debug/config_dump/kernel-native` | the config the daemon holds |
 //! | `/debug/config_dump/bpf/kernel-native` | the same read back from the kernel maps |
+//! | `/debug/config_dump/dual-engine` | dual-engine: workloads, services, policies as validated |
+//! | `/debug/config_dump/bpf/dual-engine` | dual-engine: authorization maps and decision counters read back from the kernel |
 
 use std::{
     net::SocketAddr,
@@ -25,6 +27,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub dataplane: Mutex<Option<Dataplane>>,
     pub config: Mutex<Option<FlatConfig>>,
+    /// Dual-engine mode only: the local config and the authorization maps.
+    pub dual_engine: Mutex<Option<crate::authz::DualEngineState>>,
 }
 
 impl AdminState {
@@ -33,6 +37,7 @@ impl AdminState {
             ready: AtomicBool::new(false),
             dataplane: Mutex::new(None),
             config: Mutex::new(None),
+            dual_engine: Mutex::new(None),
         })
     }
 }
@@ -43,6 +48,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/debug/ready", get(ready))
         .route("/debug/config_dump/kernel-native", get(config_dump))
         .route("/debug/config_dump/bpf/kernel-native", get(bpf_dump))
+        .route(
+            "/debug/config_dump/dual-engine",
+            get(crate::authz::config_dump),
+        )
+        .route(
+            "/debug/config_dump/bpf/dual-engine",
+            get(crate::authz::bpf_dump),
+        )
         .with_state(state)
 }
 

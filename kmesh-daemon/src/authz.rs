@@ -294,3 +294,49 @@ impl Authz {
 fn ip_of(ip: &AzIp) -> std::net::IpAddr {
     xds_adapter::addr::from_abi(&kmesh_abi::SockAddr::from_raw_v6(ip.addr, 0)).ip()
 }
+
+/// What the dual-engine admin endpoints read.
+pub struct DualEngineState {
+    pub config: xds_adapter::workload::LocalConfig,
+    pub authz: Authz,
+}
+
+/// `/debug/config_dump/dual-engine`: the validated local config.
+pub async fn config_dump(
+    axum::extract::State(s): axum::extract::State<std::sync::Arc<crate::admin::AdminState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
+    match de.as_ref() {
+        Some(de) => {
+            axum::Json(serde_json::to_value(&de.config).unwrap_or_default()).into_response()
+        }
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "not running in dual-engine mode\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `/debug/config_dump/bpf/dual-engine`: the authorization maps and
+/// decision counters, read back from the kernel.
+pub async fn bpf_dump(
+    axum::extract::State(s): axum::extract::State<std::sync::Arc<crate::admin::AdminState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
+    match de.as_ref().map(|d| d.authz.dump()) {
+        Some(Ok(v)) => axum::Json(v).into_response(),
+        Some(Err(e)) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}\n"),
+        )
+            .into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "not running in dual-engine mode\n",
+        )
+            .into_response(),
+    }
+}
