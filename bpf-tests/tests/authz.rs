@@ -576,17 +576,19 @@ fn authorization_conformance_table() {
 
 #[test]
 fn long_chains_use_tail_calls() {
-    // 200 matches in one clause: 25 runs of the evaluation program. Only
-    // the last match admits the source.
+    // MAX_CHAIN_LEN matches in one clause: every run of the evaluation
+    // program the tail-call budget allows. Only the last match admits the
+    // source, so the whole chain is walked.
     let mut env = env();
-    let mut matches: Vec<String> = (0..199)
+    let max = kmesh_abi::authz::MAX_CHAIN_LEN as usize;
+    let mut matches: Vec<String> = (0..max - 1)
         .map(|i| format!("{{destinationPorts: [{}]}}", 20000 + i))
         .collect();
     matches.push(format!("{{principals: [\"{PA}\"]}}"));
     let rules = format!("[[[{}]]]", matches.join(", "));
     let doc = config(&[], &[pol("long", "backend", "Namespace", "Allow", &rules)]);
     let cfg = xds_adapter::workload::compile_local_config(&doc).expect("config");
-    assert_eq!(cfg.authz.slots.len(), 200);
+    assert_eq!(cfg.authz.slots.len(), max);
     env.authz.write(&cfg.authz).unwrap();
     let d = env.pods[4].clone();
     let a = env.pods[0].clone();

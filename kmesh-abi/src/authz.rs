@@ -30,6 +30,9 @@ pub const SLOTS_PER_CALL: u32 = 8;
 pub const MAX_TAIL_CALLS: u32 = 32;
 /// Longest chain one workload may have.
 pub const MAX_CHAIN_LEN: u32 = SLOTS_PER_CALL * MAX_TAIL_CALLS;
+// The entry program's tail call plus MAX_TAIL_CALLS - 1 evaluation-to-
+// evaluation calls must fit the kernel's 33 tail calls per packet.
+const _: () = assert!(MAX_TAIL_CALLS <= 33);
 
 /// `AzWorkload::flags`: at least one ALLOW policy applies, so a connection
 /// no ALLOW policy matches is denied.
@@ -225,12 +228,5 @@ mod tests {
         assert_eq!(size_of::<AzValueKey>(), 12);
         assert_eq!(size_of::<AzCidr>(), 24);
         assert_eq!(size_of::<AzState>(), 72);
-    }
-
-    #[test]
-    fn chain_fits_the_tail_call_budget() {
-        // One entry program plus MAX_TAIL_CALLS evaluation runs: the kernel
-        // allows 33 tail calls per packet.
-        assert!(MAX_TAIL_CALLS < 33);
     }
 }

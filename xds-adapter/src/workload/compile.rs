@@ -106,7 +106,7 @@ fn services(cfg: &LocalConfig, errors: &mut Vec<ConfigError>) -> FlatConfig {
                         });
                     }
                 }
-                endpoints.sort_by(|a, b| a.addr.cmp(&b.addr));
+                endpoints.sort_by_key(|e| e.addr);
                 let vip_addr = SocketAddr::new(*vip, port);
                 out.insert(
                     vip_addr,
@@ -311,7 +311,6 @@ fn policy_slots(p: &Policy, pid: u32, intern: &Interned, t: &mut AuthzTables) ->
             continue;
         }
         for clause in rule {
-            let start = out.len();
             if clause.is_empty() {
                 // An empty clause holds (ztunnel: vacuously true).
                 out.push(AzSlot {
@@ -324,7 +323,6 @@ fn policy_slots(p: &Policy, pid: u32, intern: &Interned, t: &mut AuthzTables) ->
             for m in clause {
                 out.push(match_slot(m, p.action, pid, deny, intern, t));
             }
-            let _ = start;
             if let Some(last) = out.last_mut() {
                 last.flags |= SLOT_END_CLAUSE;
             }
