@@ -7,6 +7,7 @@
 //!   traffic, a table of where connections went, teardown
 
 mod demo;
+mod demo_dual;
 mod setup;
 
 use std::{
@@ -22,7 +23,7 @@ fn main() -> ExitCode {
         Some("setup") => setup::run(),
         Some("build") => setup::run().and_then(|()| build()),
         Some("test") => test(),
-        Some("demo") => demo::run(),
+        Some("demo") => demo::run().and_then(|()| demo_dual::run()),
         _ => {
             eprintln!("usage: cargo xtask <setup|build|test|demo>");
             return ExitCode::from(2);
