@@ -231,6 +231,43 @@ impl Authz {
         Ok(mode)
     }
 
+    /// Runs the entry program (and its tail calls) on `packet` with
+    /// `BPF_PROG_TEST_RUN`, `repeat` times; returns the XDP verdict and the
+    /// kernel's mean time per run. For tests and cost measurements: the
+    /// decision counters count these runs too.
+    pub fn test_run(
+        &self,
+        ebpf: &Ebpf,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), DataplaneError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let prog: &Xdp = ebpf
+            .program(ENTRY)
+            .ok_or(DataplaneError::Map {
+                map: ENTRY,
+                detail: "program not in the object".into(),
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: ENTRY,
+                source,
+            })?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|source| DataplaneError::Program {
+                program: ENTRY,
+                source,
+            })?;
+        Ok((r.return_value, r.duration))
+    }
+
     /// Decision counters summed over CPUs.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
         let mut out = BTreeMap::new();
