@@ -161,3 +161,33 @@ fn bad_local_config_is_rejected_naming_resource_and_field() {
     );
     assert!(!bpffs.0.join("kmesh").exists(), "nothing may be loaded");
 }
+
+#[test]
+fn a_missing_interface_fails_the_start_with_a_hint_and_leaves_nothing() {
+    bpf_tests::require_root();
+    let mut node = bpf_tests::Node::new("kdi", Path::new(TESTPOD)).unwrap();
+    let pod = node.add_pod("p").unwrap();
+    let bpffs = Bpffs::new("deif");
+    let path = bpffs.write_config("workloads: []\n");
+    let out = std::process::Command::new(workspace_bin("kmesh-daemon"))
+        .args(["--mode", "dual-engine", "--config"])
+        .arg(path)
+        .arg("--enroll-netns")
+        .arg(&pod.netns_path)
+        .arg("--cgroup2-path")
+        .arg(&node.cgroup)
+        .arg("--bpf-fs-path")
+        .arg(&bpffs.0)
+        .args(["--authz-interface", "nope0"])
+        .args([
+            "--admin-addr",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("attaching kmesh_authz to nope0"), "{err}");
+    assert!(err.contains("--authz-interface names it"), "{err}");
+    assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
+}

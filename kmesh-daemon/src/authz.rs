@@ -41,6 +41,25 @@ pub const STAT_NAMES: [&str; stats::COUNT as usize] = [
     "denied_error",
 ];
 
+/// Attaching authorization to a pod's interface failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("cannot open network namespace {netns}: {source} (hint: --enroll-netns must name a network namespace, e.g. /var/run/netns/NAME)")]
+    Netns {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching {ENTRY} to {interface} in {netns}: {detail} (hint: the interface must exist inside that namespace; --authz-interface names it)")]
+    Attach {
+        netns: String,
+        interface: String,
+        detail: String,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
 pub struct Authz {
     workloads: HashMap<MapData, AzIp, AzWorkload>,
     identities: HashMap<MapData, AzIp, AzIdentity>,
@@ -190,9 +209,9 @@ impl Authz {
         ebpf: &mut Ebpf,
         netns: &Path,
         ifname: &str,
-    ) -> Result<&'static str, DataplaneError> {
-        let ns = File::open(netns).map_err(|source| DataplaneError::Cgroup {
-            path: netns.to_path_buf(),
+    ) -> Result<&'static str, AttachError> {
+        let ns = File::open(netns).map_err(|source| AttachError::Netns {
+            netns: netns.display().to_string(),
             source,
         })?;
         let prog = xdp(ebpf, ENTRY)?;
@@ -222,9 +241,10 @@ impl Authz {
             .join()
             .unwrap_or_else(|_| Err("attach thread panicked".into()))
         });
-        let mode = result.map_err(|detail| DataplaneError::Pin {
-            path: netns.to_path_buf(),
-            detail: format!("attaching {ENTRY} to {ifname}: {detail}"),
+        let mode = result.map_err(|detail| AttachError::Attach {
+            netns: netns.display().to_string(),
+            interface: ifname.to_string(),
+            detail,
         })?;
         self.attached
             .push((netns.display().to_string(), ifname.to_string(), mode));
