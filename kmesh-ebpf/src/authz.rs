@@ -41,17 +41,22 @@ use kmesh_abi::authz::{
 };
 use kmesh_abi::SockAddr;
 
+/// The hash maps here are not preallocated: the object is loaded in
+/// kernel-native mode too, where they stay empty and cost no memory.
+/// Elements are allocated when the daemon writes them, never per packet.
+const NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 /// Local workload address → its chain.
 #[map]
-static KM_AZ_WORKLOAD: HashMap<AzIp, AzWorkload> = HashMap::with_max_entries(MAX_WORKLOADS, 0);
+static KM_AZ_WORKLOAD: HashMap<AzIp, AzWorkload> = HashMap::with_max_entries(MAX_WORKLOADS, NO_PREALLOC);
 
 /// Source address → identity of the workload that owns it.
 #[map]
-static KM_AZ_IDENTITY: HashMap<AzIp, AzIdentity> = HashMap::with_max_entries(MAX_IDENTITIES, 0);
+static KM_AZ_IDENTITY: HashMap<AzIp, AzIdentity> = HashMap::with_max_entries(MAX_IDENTITIES, NO_PREALLOC);
 
 /// (chain, index) → slot.
 #[map]
-static KM_AZ_SLOT: HashMap<AzSlotKey, AzSlot> = HashMap::with_max_entries(MAX_SLOTS, 0);
+static KM_AZ_SLOT: HashMap<AzSlotKey, AzSlot> = HashMap::with_max_entries(MAX_SLOTS, NO_PREALLOC);
 
 /// Match id → the fields it uses.
 #[map]
@@ -59,7 +64,7 @@ static KM_AZ_MATCH: Array<AzMatch> = Array::with_max_entries(MAX_MATCHES, 0);
 
 /// (match, field, value) → 1 for ports, namespace ids and principal ids.
 #[map]
-static KM_AZ_VALUE: HashMap<AzValueKey, u32> = HashMap::with_max_entries(MAX_VALUES, 0);
+static KM_AZ_VALUE: HashMap<AzValueKey, u32> = HashMap::with_max_entries(MAX_VALUES, NO_PREALLOC);
 
 /// (match, field, address/prefix) → 1 for the IP fields.
 #[map]
