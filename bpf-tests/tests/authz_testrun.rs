@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use kmesh_daemon::{
-    authz::Authz,
+    authz::{AccessLog, Authz},
     dataplane::{Dataplane, DataplaneOptions},
 };
 
@@ -63,8 +63,17 @@ fn verdicts_and_cost_per_packet() {
     ))
     .unwrap();
     authz.write(&cfg.authz).unwrap();
+    let mut log = AccessLog::take(dp.ebpf_mut(), cfg.authz.policy_names.clone()).unwrap();
     assert_eq!(run(&authz, &mut dp, &tcp4(a, d, 80, SYN), 1).0, XDP_PASS);
     assert_eq!(run(&authz, &mut dp, &tcp4(b, d, 80, SYN), 1).0, XDP_DROP);
+    let events: Vec<String> = log.drain().iter().map(ToString::to_string).collect();
+    assert_eq!(
+        events,
+        [
+            "authz allow src=10.1.0.1 dst=10.1.0.9:80 reason=policy policy=back/p",
+            "authz deny src=10.1.0.2 dst=10.1.0.9:80 reason=no_allow_match",
+        ]
+    );
     assert_eq!(
         run(&authz, &mut dp, &tcp4(b, d, 80, SYN | ACK), 1).0,
         XDP_PASS
@@ -77,6 +86,7 @@ fn verdicts_and_cost_per_packet() {
         run(&authz, &mut dp, &tcp4(b, d, 80, SYN)[..40], 1).0,
         XDP_PASS
     );
+    assert!(log.drain().is_empty(), "only evaluated SYNs are logged");
 
     const N: u32 = 100_000;
     let short = run(&authz, &mut dp, &tcp4(a, d, 80, SYN), N).1;

@@ -167,6 +167,41 @@ pub mod stats {
     pub const COUNT: u32 = 6;
 }
 
+/// Capacity of the decision event ring buffer, in bytes (≈ 5,400 events
+/// of 48 bytes between two reads; when full, events are dropped, never
+/// packets).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// `AzEvent::verdict`.
+pub const VERDICT_ALLOW: u32 = 0;
+pub const VERDICT_DENY: u32 = 1;
+
+/// `AzEvent::reason`: which rule of the semantics decided.
+pub mod reason {
+    /// A policy matched (`policy_id` names it).
+    pub const POLICY: u32 = 0;
+    /// ALLOW policies apply and none matched.
+    pub const NO_ALLOW_MATCH: u32 = 1;
+    /// No policy matched and none is an ALLOW policy.
+    pub const NO_POLICY: u32 = 2;
+}
+
+/// One authorization decision, sent to userspace for the access log.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AzEvent {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Destination port, host order.
+    pub port: u32,
+    /// Valid when `reason == reason::POLICY`.
+    pub policy_id: u32,
+    /// `VERDICT_*`.
+    pub verdict: u32,
+    /// `reason::*`.
+    pub reason: u32,
+}
+
 /// Per-CPU scratch state carried across the tail calls of one packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -228,5 +263,6 @@ mod tests {
         assert_eq!(size_of::<AzValueKey>(), 12);
         assert_eq!(size_of::<AzCidr>(), 24);
         assert_eq!(size_of::<AzState>(), 72);
+        assert_eq!(size_of::<AzEvent>(), 48);
     }
 }

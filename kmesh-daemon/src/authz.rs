@@ -397,3 +397,105 @@ pub async fn bpf_dump(
             .into_response(),
     }
 }
+
+/// One decision read from `KM_AZ_EVENTS`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Decision {
+    pub src: std::net::IpAddr,
+    pub dst: std::net::SocketAddr,
+    /// `allow` or `deny`.
+    pub verdict: &'static str,
+    /// `policy`, `no_allow_match` or `no_policy`.
+    pub reason: &'static str,
+    /// `namespace/name` of the deciding policy, when one matched.
+    pub policy: Option<String>,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "authz {} src={} dst={} reason={}",
+            self.verdict, self.src, self.dst, self.reason
+        )?;
+        if let Some(p) = &self.policy {
+            write!(f, " policy={p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The decision events of the XDP program, for the access log.
+pub struct AccessLog {
+    ring: aya::maps::RingBuf<MapData>,
+    policy_names: Vec<String>,
+}
+
+impl AccessLog {
+    /// Takes the event ring buffer out of the object; `policy_names`
+    /// (`AuthzTables::policy_names`) turn policy ids into names.
+    pub fn take(ebpf: &mut Ebpf, policy_names: Vec<String>) -> Result<Self, DataplaneError> {
+        Ok(AccessLog {
+            ring: take(ebpf, "KM_AZ_EVENTS")?,
+            policy_names,
+        })
+    }
+
+    /// Every event waiting in the ring, oldest first. Does not block.
+    pub fn drain(&mut self) -> Vec<Decision> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<kmesh_abi::authz::AzEvent>() {
+                continue;
+            }
+            // SAFETY: the item holds at least one AzEvent written by the
+            // kernel program (a #[repr(C)] struct of integers, every bit
+            // pattern valid); read_unaligned copes with any alignment.
+            let ev: kmesh_abi::authz::AzEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            out.push(Decision {
+                src: ip_of(&AzIp { addr: ev.src }),
+                dst: std::net::SocketAddr::new(ip_of(&AzIp { addr: ev.dst }), ev.port as u16),
+                verdict: if ev.verdict == kmesh_abi::authz::VERDICT_DENY {
+                    "deny"
+                } else {
+                    "allow"
+                },
+                reason: match ev.reason {
+                    kmesh_abi::authz::reason::POLICY => "policy",
+                    kmesh_abi::authz::reason::NO_ALLOW_MATCH => "no_allow_match",
+                    _ => "no_policy",
+                },
+                policy: (ev.reason == kmesh_abi::authz::reason::POLICY)
+                    .then(|| self.policy_names.get(ev.policy_id as usize).cloned())
+                    .flatten(),
+            });
+        }
+        out
+    }
+
+    /// Logs every decision as it arrives (target `accesslog`), until the
+    /// process ends. Cost: one wakeup per batch of events (epoll on the
+    /// ring buffer's fd).
+    pub async fn run(self) -> std::io::Result<()> {
+        // SAFETY: the fd is the ring buffer map's, owned by `self`, which
+        // the AsyncFd owns: it stays open and the same for its lifetime.
+        let mut fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        loop {
+            let mut guard = fd.readable_mut().await?;
+            for d in guard.get_inner_mut().drain() {
+                tracing::info!(target: "accesslog", "{d}");
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+impl AsRawFd for AccessLog {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}

@@ -261,6 +261,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(de) = dual {
         let mut authz = kmesh_daemon::authz::Authz::load(dp.ebpf_mut())?;
         authz.write(&de.authz)?;
+        let log =
+            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?;
+        tokio::spawn(log.run());
         for (path, _) in &cookies {
             let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface)?;
             tracing::info!(netns = %path.display(), interface = %args.authz_interface, mode, "authorization attached");

@@ -29,15 +29,15 @@ use aya_ebpf::{
     macros::{map, xdp},
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, PerCpuArray, ProgramArray,
+        Array, HashMap, PerCpuArray, ProgramArray, RingBuf,
     },
     programs::XdpContext,
 };
 use kmesh_abi::authz::{
-    field, stats, AzCidr, AzIdentity, AzIp, AzMatch, AzSlot, AzSlotKey, AzState, AzValueKey,
+    field, reason, stats, AzCidr, AzEvent, AzIdentity, AzIp, AzMatch, AzSlot, AzSlotKey, AzState, AzValueKey,
     AzWorkload, MAX_CIDRS, MAX_IDENTITIES, MAX_MATCHES, MAX_POLICIES, MAX_SLOTS, MAX_VALUES,
     MAX_WORKLOADS, SLOTS_PER_CALL, SLOT_ALWAYS, SLOT_DENY, SLOT_END_CLAUSE, SLOT_END_RULE,
-    SLOT_NEVER, WL_HAS_ALLOW,
+    SLOT_NEVER, VERDICT_ALLOW, VERDICT_DENY, WL_HAS_ALLOW, EVENTS_BYTES,
 };
 use kmesh_abi::SockAddr;
 
@@ -87,6 +87,25 @@ static KM_AZ_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUN
 /// dropped for a DENY policy).
 #[map]
 static KM_AZ_POLICY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POLICIES, 0);
+
+/// Decisions for the access log (one per evaluated SYN).
+#[map]
+static KM_AZ_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Sends one decision to userspace; a full ring drops the event, never
+/// the verdict.
+#[inline(always)]
+fn emit(st: &AzState, verdict: u32, why: u32, policy_id: u32) {
+    let ev = AzEvent {
+        src: st.src,
+        dst: st.dst,
+        port: st.port,
+        policy_id,
+        verdict,
+        reason: why,
+    };
+    let _ = KM_AZ_EVENTS.output::<AzEvent>(&ev, 0);
+}
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -254,9 +273,11 @@ pub fn kmesh_authz_eval(ctx: XdpContext) -> u32 {
         if i >= st.slot_count {
             return if st.wl_flags & WL_HAS_ALLOW != 0 {
                 bump(&KM_AZ_STATS, stats::DENIED_NO_ALLOW_MATCH);
+                emit(st, VERDICT_DENY, reason::NO_ALLOW_MATCH, 0);
                 xdp_action::XDP_DROP
             } else {
                 bump(&KM_AZ_STATS, stats::ALLOWED_NO_POLICY);
+                emit(st, VERDICT_ALLOW, reason::NO_POLICY, 0);
                 xdp_action::XDP_PASS
             };
         }
@@ -290,9 +311,11 @@ pub fn kmesh_authz_eval(ctx: XdpContext) -> u32 {
                 bump(&KM_AZ_POLICY_STATS, slot.policy_id);
                 return if slot.flags & SLOT_DENY != 0 {
                     bump(&KM_AZ_STATS, stats::DENIED_BY_POLICY);
+                    emit(st, VERDICT_DENY, reason::POLICY, slot.policy_id);
                     xdp_action::XDP_DROP
                 } else {
                     bump(&KM_AZ_STATS, stats::ALLOWED_BY_POLICY);
+                    emit(st, VERDICT_ALLOW, reason::POLICY, slot.policy_id);
                     xdp_action::XDP_PASS
                 };
             }
