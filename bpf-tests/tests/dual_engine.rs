@@ -133,6 +133,20 @@ policies:
         "{body}"
     );
     assert_eq!(v["attached"].as_array().unwrap().len(), 3, "{body}");
+
+    // kmeshctl reads the same endpoint (`cargo xtask test` builds it).
+    let out = std::process::Command::new(workspace_bin("kmeshctl"))
+        .args(["--admin-addr", &daemon.admin.to_string()])
+        .args(["dump", "dual-engine", "--bpf"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["policy_decisions"]["backend/only-web"].as_u64().unwrap() >= 21,
+        "{text}"
+    );
 }
 
 #[test]
