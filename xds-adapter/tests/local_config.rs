@@ -301,3 +301,23 @@ fn mutated_documents_never_panic() {
         "mutations should mostly be refused: {refused}"
     );
 }
+
+#[test]
+fn unhealthy_workloads_are_no_endpoints() {
+    let text = "workloads:
+- {name: a, namespace: n, workloadIps: [10.0.0.1], status: Healthy, services: {n/s.n: {80: 8080}}}
+- {name: b, namespace: n, workloadIps: [10.0.0.2], status: Unhealthy, services: {n/s.n: {80: 8080}}}
+services:
+- {name: s, namespace: n, hostname: s.n, vips: [\"/10.96.0.9\"], ports: {80: 8080}}
+";
+    let cfg = compile_local_config(text).unwrap();
+    assert_eq!(
+        cfg.flat.services[&"10.96.0.9:80".parse().unwrap()].slots,
+        vec!["10.0.0.1:8080".parse().unwrap()]
+    );
+    let e = errors(&text.replace("Unhealthy", "Sick"));
+    assert!(
+        e.contains("workload \"n/b\": field status: \"Sick\""),
+        "{e}"
+    );
+}

@@ -85,6 +85,7 @@ fn services(cfg: &LocalConfig, errors: &mut Vec<ConfigError>) -> FlatConfig {
         let members: Vec<_> = cfg
             .workloads
             .iter()
+            .filter(|w| w.healthy)
             .filter_map(|w| w.services.get(&key).map(|p| (w, p)))
             .collect();
         for vip in &s.vips {

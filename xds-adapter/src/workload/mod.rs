@@ -57,6 +57,9 @@ pub struct Workload {
     pub service_account: String,
     pub trust_domain: String,
     pub node: String,
+    /// `status`: an Unhealthy workload is no service endpoint (its
+    /// identity and policies still apply).
+    pub healthy: bool,
     pub ips: Vec<IpAddr>,
     /// `namespace/hostname` of a service → (service port → target port).
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,

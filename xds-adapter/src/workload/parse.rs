@@ -21,7 +21,6 @@ const WORKLOAD_IGNORED: &[&str] = &[
     "workloadType",
     "canonicalName",
     "canonicalRevision",
-    "status",
     "clusterId",
     "locality",
     "protocol",
@@ -257,6 +256,7 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
             "workloadIp",
             "services",
             "authorizationPolicies",
+            "status",
         ],
         WORKLOAD_IGNORED,
     );
@@ -271,6 +271,18 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
         trust_domain = "cluster.local".into();
     }
     let node = str_field(c, &res, m, "node", false);
+    let healthy = match str_field(c, &res, m, "status", false).as_str() {
+        "" | "Healthy" | "HEALTHY" => true,
+        "Unhealthy" | "UNHEALTHY" => false,
+        other => {
+            c.err(
+                &res,
+                "status",
+                format!("{other:?} is not Healthy or Unhealthy"),
+            );
+            true
+        }
+    };
     let mut ips = Vec::new();
     let mut raw: Vec<(String, Value)> = list(c, &res, "workloadIps", m.get("workloadIps"))
         .iter()
@@ -346,6 +358,7 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
         service_account,
         trust_domain,
         node,
+        healthy,
         ips,
         services,
         authorization_policies,
