@@ -321,3 +321,24 @@ services:
         "{e}"
     );
 }
+
+#[test]
+fn identical_selector_policies_for_different_workloads_do_not_overlap() {
+    let text = "workloads:
+- {name: a, namespace: n, workloadIps: [10.0.0.1], authorizationPolicies: [n/p]}
+- {name: b, namespace: n, workloadIps: [10.0.0.2], authorizationPolicies: [n/q]}
+policies:
+- {name: p, namespace: n, scope: WorkloadSelector, action: Deny, rules: [[[{destinationPorts: [22]}]]]}
+- {name: q, namespace: n, scope: WorkloadSelector, action: Deny, rules: [[[{destinationPorts: [22]}]]]}
+";
+    compile_local_config(text).unwrap();
+    // Both selected by the same workload only: the same policy twice.
+    let same = text
+        .replace("authorizationPolicies: [n/q]", "authorizationPolicies: []")
+        .replace(
+            "authorizationPolicies: [n/p]}",
+            "authorizationPolicies: [n/p, n/q]}",
+        );
+    let e = errors(&same);
+    assert!(e.contains("overlaps policy"), "{e}");
+}

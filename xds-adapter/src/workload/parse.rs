@@ -765,10 +765,26 @@ fn cross_check(c: &mut Ctx, workloads: &[Workload], services: &[Service], polici
         }
     }
     // Overlap: two policies with the same scope, namespace, action and
-    // rules are the same policy under two names; one of them is a mistake.
+    // rules that apply to the same workloads (for WorkloadSelector: the
+    // same selecting workloads) are one policy under two names; one of
+    // them is a mistake.
+    let mut selected_by: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for w in workloads {
+        for k in &w.authorization_policies {
+            selected_by
+                .entry(k.as_str())
+                .or_default()
+                .push(format!("{}/{}", w.namespace, w.name));
+        }
+    }
     let mut content: BTreeMap<String, String> = BTreeMap::new();
     for p in policies {
-        let body = format!("{:?}", (&p.namespace, p.scope, p.action, &p.rules));
+        let key = p.key();
+        let targets = match p.scope {
+            Scope::WorkloadSelector => selected_by.get(key.as_str()).cloned().unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let body = format!("{:?}", (&p.namespace, p.scope, p.action, &p.rules, targets));
         if let Some(prev) = content.insert(body, p.key()) {
             if prev != p.key() {
                 c.errors.push(
