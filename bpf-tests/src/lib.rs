@@ -374,6 +374,34 @@ impl Node {
             .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
     }
 
+    /// Like [`Node::connect`] with a connect timeout of `timeout_ms` (a
+    /// dropped SYN then fails after that long instead of 3 s).
+    pub fn connect_timeout(
+        &self,
+        pod: &Pod,
+        addr: SocketAddr,
+        count: usize,
+        timeout_ms: u64,
+    ) -> io::Result<ConnectReport> {
+        let out = self
+            .testpod(&pod.netns_path, Some(&pod.cgroup))
+            .arg("--timeout-ms")
+            .arg(timeout_ms.to_string())
+            .arg("connect")
+            .arg(addr.to_string())
+            .arg(count.to_string())
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "testpod connect failed: {}",
+                out.status
+            )));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
+    }
+
     /// Starts sequential connections from `pod` to `addr` for `millis`
     /// milliseconds in the background; [`Looping::finish`] collects the
     /// report.

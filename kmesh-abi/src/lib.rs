@@ -247,6 +247,8 @@ pub mod stats {
     pub const COUNT: u32 = 6;
 }
 
+pub mod authz;
+
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 mod pod {

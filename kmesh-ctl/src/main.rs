@@ -136,6 +136,9 @@ impl CtlError {
 #[derive(ValueEnum, Clone, Copy)]
 enum DumpMode {
     KernelNative,
+    /// Workloads, services and policies (`--bpf`: authorization maps and
+    /// decision counters); printed as JSON.
+    DualEngine,
 }
 
 #[derive(ValueEnum, Clone, Copy, PartialEq)]
@@ -212,6 +215,22 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 ),
                 Err(e) => println!("daemon   unreachable: {e:#}"),
             }
+            Ok(())
+        }
+        Cmd::Dump {
+            mode: DumpMode::DualEngine,
+            bpf,
+            ..
+        } => {
+            let path = if *bpf {
+                "/debug/config_dump/bpf/dual-engine"
+            } else {
+                "/debug/config_dump/dual-engine"
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&get(cli.admin_addr, path)?)?
+            );
             Ok(())
         }
         Cmd::Dump {

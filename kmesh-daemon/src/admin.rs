@@ -7,6 +7,8 @@
 //! | `/debug/config_dump/kernel-native` | the config the daemon holds |
 //! | `/debug/config_dump/bpf/kernel-native` | the same read back from the kernel maps |
 //! | `/accesslog`, `/monitoring`, `/authz`, `/debug/loggers` | see [`crate::telemetry::admin`] |
+//! | `/debug/config_dump/dual-engine` | dual-engine: workloads, services, policies as validated |
+//! | `/debug/config_dump/bpf/dual-engine` | dual-engine: authorization maps and decision counters read back from the kernel |
 
 use std::{
     net::SocketAddr,
@@ -30,6 +32,8 @@ pub struct AdminState {
     pub telemetry: OnceLock<Arc<crate::telemetry::Telemetry>>,
     /// Set when the process installed a reloadable log filter.
     pub logging: OnceLock<crate::logging::LogControl>,
+    /// Dual-engine mode only: the local config and the authorization maps.
+    pub dual_engine: Mutex<Option<crate::authz::DualEngineState>>,
 }
 
 impl AdminState {
@@ -40,6 +44,7 @@ impl AdminState {
             config: Mutex::new(None),
             telemetry: OnceLock::new(),
             logging: OnceLock::new(),
+            dual_engine: Mutex::new(None),
         })
     }
 }
@@ -51,6 +56,14 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/debug/config_dump/kernel-native", get(config_dump))
         .route("/debug/config_dump/bpf/kernel-native", get(bpf_dump))
         .merge(crate::telemetry::admin::routes())
+        .route(
+            "/debug/config_dump/dual-engine",
+            get(crate::authz::config_dump),
+        )
+        .route(
+            "/debug/config_dump/bpf/dual-engine",
+            get(crate::authz::bpf_dump),
+        )
         .with_state(state)
 }
 

@@ -317,6 +317,12 @@ impl Dataplane {
         Ok(dp)
     }
 
+    /// The loaded object, for modules that own further programs of it
+    /// (dual-engine authorization).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// How the pin directory was found at load.
     pub fn pinned_state(&self) -> PinnedState {
         self.pinned_state

@@ -10,6 +10,7 @@
 //! - [`logging`]: tracing output with levels adjustable at runtime.
 
 pub mod admin;
+pub mod authz;
 pub mod dataplane;
 pub mod enroll;
 pub mod logging;

@@ -47,12 +47,16 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Dataplane mode. Only kernel-native is implemented in this version.
+    /// Dataplane mode: `kernel-native` (Envoy config, connect-time L4
+    /// routing) or `dual-engine` (ztunnel-style local config: workloads,
+    /// services and L4 authorization policies enforced by XDP).
     #[arg(long, value_enum, env = "KMESH_MODE", default_value = "kernel-native")]
     mode: Mode,
 
-    /// Static mesh config: an Envoy v3 bootstrap (`static_resources`) or an
-    /// Envoy config_dump, YAML or JSON.
+    /// Static mesh config. kernel-native: an Envoy v3 bootstrap
+    /// (`static_resources`) or an Envoy config_dump, YAML or JSON.
+    /// dual-engine: istio/ztunnel's local config (`workloads`, `services`,
+    /// `policies`).
     #[arg(long, env = "KMESH_CONFIG")]
     config: Option<PathBuf>,
 
@@ -89,6 +93,11 @@ struct RunArgs {
     /// without traffic loss; `kmesh-daemon uninstall` removes it all).
     #[arg(long, value_enum, env = "KMESH_ON_EXIT", default_value = "detach")]
     on_exit: OnExit,
+
+    /// dual-engine: the interface inside each `--enroll-netns` namespace
+    /// that authorization (XDP) is attached to.
+    #[arg(long, env = "KMESH_AUTHZ_INTERFACE", default_value = "eth0")]
+    authz_interface: String,
 
     /// Admin API address.
     #[arg(long, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15200")]
@@ -203,16 +212,22 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<()> {
-    if args.mode == Mode::DualEngine {
-        bail!("--mode dual-engine is not implemented in this version; use --mode kernel-native");
-    }
     let Some(config_path) = &args.config else {
         bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources); the xDS client is not implemented in this version");
     };
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("reading --config {}", config_path.display()))?;
-    let flat = xds_adapter::compile_static_config(&text)
-        .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?;
+    let mut dual = None;
+    let flat = if args.mode == Mode::DualEngine {
+        let de = xds_adapter::workload::compile_local_config(&text)
+            .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?;
+        let flat = de.flat.clone();
+        dual = Some(de);
+        flat
+    } else {
+        xds_adapter::compile_static_config(&text)
+            .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?
+    };
     for w in &flat.warnings {
         tracing::warn!("config: {w}");
     }
@@ -292,6 +307,28 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     for (path, cookie) in &cookies {
         tracing::info!(netns = %path.display(), cookie, "enrolled");
     }
+    if let Some(de) = dual {
+        let mut authz = kmesh_daemon::authz::Authz::load(dp.ebpf_mut())?;
+        authz.write(&de.authz)?;
+        let log =
+            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?;
+        tokio::spawn(log.run());
+        for (path, _) in &cookies {
+            let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface)?;
+            tracing::info!(netns = %path.display(), interface = %args.authz_interface, mode, "authorization attached");
+        }
+        tracing::info!(
+            policies = de.authz.policy_names.len(),
+            workloads = de.authz.workloads.len(),
+            slots = de.authz.slots.len(),
+            "authorization tables written"
+        );
+        *state.dual_engine.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(kmesh_daemon::authz::DualEngineState {
+                config: de.config,
+                authz,
+            });
+    }
     dp.attach(&cgroup)?;
     tracing::info!(cgroup = %cgroup.display(), programs = ?dp.program_ids(), "programs attached");
     *state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(flat);
@@ -341,7 +378,15 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             tracing::info!(pins = %pins.display(), "programs left attached and maps pinned for the next daemon");
             return Ok(());
         }
-        // Dropping the dataplane detaches the programs and removes the pins.
+        // Dropping the dataplane detaches the programs and removes the pins;
+        // the XDP links go with the authorization state.
+        drop(
+            state
+                .dual_engine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         drop(dp);
     }
     tracing::info!("detached and unpinned; bye");

@@ -13,6 +13,8 @@
 #![no_main]
 
 mod sockops;
+/// Dual-engine L4 authorization (XDP + tail calls).
+mod authz;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,

@@ -32,6 +32,7 @@ mod mesh;
 pub mod model;
 mod parse;
 mod schema;
+pub mod workload;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;

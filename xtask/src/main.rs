@@ -10,6 +10,7 @@
 
 mod bench;
 mod demo;
+mod demo_dual;
 mod setup;
 
 use std::{
@@ -25,7 +26,7 @@ fn main() -> ExitCode {
         Some("setup") => setup::run(),
         Some("build") => setup::run().and_then(|()| build()),
         Some("test") => test(),
-        Some("demo") => demo::run(),
+        Some("demo") => demo::run().and_then(|()| demo_dual::run()),
         Some("bench") => bench::run(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <setup|build|test|demo|bench>");

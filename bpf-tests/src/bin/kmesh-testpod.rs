@@ -27,6 +27,10 @@ use std::{
     time::Duration,
 };
 
+/// Connect timeout (`--timeout-ms`, default 3000): a short one lets a
+/// test tell a dropped SYN from a slow accept quickly.
+static CONNECT_TIMEOUT_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     while args.first().is_some_and(|a| a.starts_with("--")) {
@@ -39,6 +43,12 @@ fn main() {
                 std::process::id().to_string(),
             )
             .unwrap_or_else(|e| die(&format!("joining cgroup {value}: {e}"))),
+            "--timeout-ms" => {
+                let ms = value
+                    .parse()
+                    .unwrap_or_else(|_| die(&format!("--timeout-ms {value}: not a number")));
+                let _ = CONNECT_TIMEOUT_MS.set(ms);
+            }
             _ => die(&format!("unknown flag {flag}")),
         }
     }
@@ -56,7 +66,7 @@ fn main() {
             connect(parse_addr(&args[1]), usize::MAX, Some(until))
         }
         Some("http") if args.len() >= 2 => http(&args[1..]),
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR..."),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR..."),
     }
 }
 
@@ -126,7 +136,8 @@ fn echo(mut s: TcpStream, name: &str) {
 
 /// Connects and reads the backend's name.
 fn dial(addr: SocketAddr) -> std::io::Result<(String, bool, BufReader<TcpStream>)> {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    let timeout = Duration::from_millis(*CONNECT_TIMEOUT_MS.get().unwrap_or(&3000));
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let peer_ok = s.peer_addr()? == addr;
     let mut r = BufReader::new(s);

@@ -1,0 +1,501 @@
+//! Dual-engine authorization, the kernel half: loads the XDP programs
+//! (`kmesh_authz` entry + `kmesh_authz_eval`, chained through
+//! `KM_AZ_PROGS`), writes the tables `xds_adapter::workload` compiled, and
+//! attaches the entry program to a workload's interface inside its network
+//! namespace (where packets to the pod arrive).
+//!
+//! Writes replace the tables: new entries first, then stale ones removed.
+//! Chain ids are reused across writes, so a connection arriving during a
+//! rewrite may see a mix of two configs' slots; the daemon writes the local
+//! config once at start (live policy updates with make-before-break chains
+//! are future work, with the delta ADS client).
+
+use std::{collections::BTreeMap, fs::File, os::fd::AsRawFd, path::Path};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray, ProgramArray,
+    },
+    programs::{Xdp, XdpMode},
+    Ebpf,
+};
+use kmesh_abi::authz::{
+    stats, AzCidr, AzIdentity, AzIp, AzMatch, AzSlot, AzSlotKey, AzValueKey, AzWorkload,
+};
+use xds_adapter::workload::AuthzTables;
+
+use crate::dataplane::DataplaneError;
+
+/// Entry and evaluation programs.
+pub const ENTRY: &str = "kmesh_authz";
+pub const EVAL: &str = "kmesh_authz_eval";
+
+/// Names of the decision counters, by index.
+pub const STAT_NAMES: [&str; stats::COUNT as usize] = [
+    "evaluated",
+    "allowed_by_policy",
+    "denied_by_policy",
+    "denied_no_allow_match",
+    "allowed_no_policy",
+    "denied_error",
+];
+
+/// Attaching authorization to a pod's interface failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("cannot open network namespace {netns}: {source} (hint: --enroll-netns must name a network namespace, e.g. /var/run/netns/NAME)")]
+    Netns {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching {ENTRY} to {interface} in {netns}: {detail} (hint: the interface must exist inside that namespace; --authz-interface names it)")]
+    Attach {
+        netns: String,
+        interface: String,
+        detail: String,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+pub struct Authz {
+    workloads: HashMap<MapData, AzIp, AzWorkload>,
+    identities: HashMap<MapData, AzIp, AzIdentity>,
+    slots: HashMap<MapData, AzSlotKey, AzSlot>,
+    matches: Array<MapData, AzMatch>,
+    values: HashMap<MapData, AzValueKey, u32>,
+    cidrs: LpmTrie<MapData, AzCidr, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    policy_stats: PerCpuArray<MapData, u64>,
+    _progs: ProgramArray<MapData>,
+    policy_names: Vec<String>,
+    /// (netns path, interface) the entry program is attached to.
+    attached: Vec<(String, String, &'static str)>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |e| DataplaneError::MapIo {
+        map,
+        detail: e.to_string(),
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map>,
+    T::Error: std::fmt::Display,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Map {
+        map: name,
+        detail: "not in the object".into(),
+    })?;
+    T::try_from(map).map_err(|e| DataplaneError::Map {
+        map: name,
+        detail: e.to_string(),
+    })
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::Map {
+            map: name,
+            detail: "program not in the object".into(),
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Writes `want` into a hash map and removes every other key.
+fn sync_hash<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    want: &BTreeMap<K, V>,
+) -> Result<(), DataplaneError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod,
+{
+    for (k, v) in want {
+        map.insert(k, v, 0).map_err(map_err(name))?;
+    }
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    Ok(())
+}
+
+impl Authz {
+    /// Loads both programs and links the chain. Nothing is attached yet.
+    pub fn load(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let prog_err = |program| move |source| DataplaneError::Program { program, source };
+        xdp(ebpf, EVAL)?.load().map_err(prog_err(EVAL))?;
+        xdp(ebpf, ENTRY)?.load().map_err(prog_err(ENTRY))?;
+        let mut progs: ProgramArray<MapData> = take(ebpf, "KM_AZ_PROGS")?;
+        let fd = xdp(ebpf, EVAL)?.fd().map_err(prog_err(EVAL))?;
+        progs.set(0, fd, 0).map_err(map_err("KM_AZ_PROGS"))?;
+        Ok(Authz {
+            workloads: take(ebpf, "KM_AZ_WORKLOAD")?,
+            identities: take(ebpf, "KM_AZ_IDENTITY")?,
+            slots: take(ebpf, "KM_AZ_SLOT")?,
+            matches: take(ebpf, "KM_AZ_MATCH")?,
+            values: take(ebpf, "KM_AZ_VALUE")?,
+            cidrs: take(ebpf, "KM_AZ_CIDR")?,
+            stats: take(ebpf, "KM_AZ_STATS")?,
+            policy_stats: take(ebpf, "KM_AZ_POLICY_STATS")?,
+            _progs: progs,
+            policy_names: Vec::new(),
+            attached: Vec::new(),
+        })
+    }
+
+    /// Makes the kernel tables exactly `t`. Order: matches, values, CIDRs
+    /// and slots (what chains point to) before identities and the workload
+    /// entries that make chains reachable; stale entries last.
+    pub fn write(&mut self, t: &AuthzTables) -> Result<(), DataplaneError> {
+        for (i, m) in t.matches.iter().enumerate() {
+            self.matches
+                .set(i as u32, m, 0)
+                .map_err(map_err("KM_AZ_MATCH"))?;
+        }
+        let values: BTreeMap<AzValueKey, u32> = t.values.iter().map(|k| (*k, 1)).collect();
+        sync_hash(&mut self.values, "KM_AZ_VALUE", &values)?;
+        for (len, c) in &t.cidrs {
+            self.cidrs
+                .insert(&Key::new(*len, *c), 1, 0)
+                .map_err(map_err("KM_AZ_CIDR"))?;
+        }
+        let stale: Vec<Key<AzCidr>> = self
+            .cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !t.cidrs.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stale {
+            let _ = self.cidrs.remove(&k);
+        }
+        sync_hash(&mut self.slots, "KM_AZ_SLOT", &t.slots)?;
+        let ids: BTreeMap<AzIp, AzIdentity> = t
+            .identities
+            .iter()
+            .map(|(ip, id)| (xds_adapter::workload::az_ip(*ip), *id))
+            .collect();
+        sync_hash(&mut self.identities, "KM_AZ_IDENTITY", &ids)?;
+        let wls: BTreeMap<AzIp, AzWorkload> = t
+            .workloads
+            .iter()
+            .map(|(ip, w)| (xds_adapter::workload::az_ip(*ip), *w))
+            .collect();
+        sync_hash(&mut self.workloads, "KM_AZ_WORKLOAD", &wls)?;
+        self.policy_names = t.policy_names.clone();
+        Ok(())
+    }
+
+    /// Attaches the entry program to `ifname` inside the network namespace
+    /// at `netns`. Native XDP first; generic (SKB) mode when the driver
+    /// refuses. Returns the mode used. The attachment lives as long as this
+    /// `Authz`'s programs (the link fd is held by the loaded program).
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        netns: &Path,
+        ifname: &str,
+    ) -> Result<&'static str, AttachError> {
+        let ns = File::open(netns).map_err(|source| AttachError::Netns {
+            netns: netns.display().to_string(),
+            source,
+        })?;
+        let prog = xdp(ebpf, ENTRY)?;
+        let ifname_owned = ifname.to_string();
+        // bpf_link_create resolves the ifindex in the calling thread's
+        // network namespace: attach from a short-lived thread inside it,
+        // so the daemon's own namespace never changes.
+        let result = std::thread::scope(|s| {
+            s.spawn(move || -> Result<&'static str, String> {
+                // SAFETY: `ns` is an open namespace fd; setns changes only
+                // this thread, which ends right after.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(format!(
+                        "setns into {}: {}",
+                        netns.display(),
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                match prog.attach(&ifname_owned, XdpMode::Driver) {
+                    Ok(_) => Ok("native"),
+                    Err(native) => match prog.attach(&ifname_owned, XdpMode::Skb) {
+                        Ok(_) => Ok("generic"),
+                        Err(e) => Err(format!("native: {native}; generic: {e}")),
+                    },
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Err("attach thread panicked".into()))
+        });
+        let mode = result.map_err(|detail| AttachError::Attach {
+            netns: netns.display().to_string(),
+            interface: ifname.to_string(),
+            detail,
+        })?;
+        self.attached
+            .push((netns.display().to_string(), ifname.to_string(), mode));
+        Ok(mode)
+    }
+
+    /// Runs the entry program (and its tail calls) on `packet` with
+    /// `BPF_PROG_TEST_RUN`, `repeat` times; returns the XDP verdict and the
+    /// kernel's mean time per run. For tests and cost measurements: the
+    /// decision counters count these runs too.
+    pub fn test_run(
+        &self,
+        ebpf: &Ebpf,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), DataplaneError> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let prog: &Xdp = ebpf
+            .program(ENTRY)
+            .ok_or(DataplaneError::Map {
+                map: ENTRY,
+                detail: "program not in the object".into(),
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: ENTRY,
+                source,
+            })?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|source| DataplaneError::Program {
+                program: ENTRY,
+                source,
+            })?;
+        Ok((r.return_value, r.duration))
+    }
+
+    /// Decision counters summed over CPUs.
+    pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for (i, name) in STAT_NAMES.iter().enumerate() {
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(map_err("KM_AZ_STATS"))?;
+            out.insert(*name, v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Per-policy decision counts (`namespace/name` → connections decided).
+    pub fn policy_stats(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for (i, name) in self.policy_names.iter().enumerate() {
+            let v = self
+                .policy_stats
+                .get(&(i as u32), 0)
+                .map_err(map_err("KM_AZ_POLICY_STATS"))?;
+            out.insert(name.clone(), v.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// What the kernel holds, read back from the maps.
+    pub fn dump(&self) -> Result<serde_json::Value, DataplaneError> {
+        let mut workloads = Vec::new();
+        for e in self.workloads.iter() {
+            let (ip, w) = e.map_err(map_err("KM_AZ_WORKLOAD"))?;
+            workloads.push(serde_json::json!({
+                "ip": ip_of(&ip).to_string(),
+                "chain_id": w.chain_id,
+                "slots": w.slot_count,
+                "has_allow": w.flags & kmesh_abi::authz::WL_HAS_ALLOW != 0,
+            }));
+        }
+        let mut identities = Vec::new();
+        for e in self.identities.iter() {
+            let (ip, id) = e.map_err(map_err("KM_AZ_IDENTITY"))?;
+            identities.push(serde_json::json!({
+                "ip": ip_of(&ip).to_string(),
+                "ns_id": id.ns_id,
+                "principal_id": id.principal_id,
+            }));
+        }
+        Ok(serde_json::json!({
+            "workloads": workloads,
+            "identities": identities,
+            "slots": self.slots.keys().count(),
+            "values": self.values.keys().count(),
+            "cidrs": self.cidrs.keys().count(),
+            "attached": self.attached.iter().map(|(n, i, m)| serde_json::json!({"netns": n, "interface": i, "mode": m})).collect::<Vec<_>>(),
+            "stats": self.stats()?,
+            "policy_decisions": self.policy_stats()?,
+        }))
+    }
+}
+
+fn ip_of(ip: &AzIp) -> std::net::IpAddr {
+    xds_adapter::addr::from_abi(&kmesh_abi::SockAddr::from_raw_v6(ip.addr, 0)).ip()
+}
+
+/// What the dual-engine admin endpoints read.
+pub struct DualEngineState {
+    pub config: xds_adapter::workload::LocalConfig,
+    pub authz: Authz,
+}
+
+/// `/debug/config_dump/dual-engine`: the validated local config.
+pub async fn config_dump(
+    axum::extract::State(s): axum::extract::State<std::sync::Arc<crate::admin::AdminState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
+    match de.as_ref() {
+        Some(de) => {
+            axum::Json(serde_json::to_value(&de.config).unwrap_or_default()).into_response()
+        }
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "not running in dual-engine mode\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `/debug/config_dump/bpf/dual-engine`: the authorization maps and
+/// decision counters, read back from the kernel.
+pub async fn bpf_dump(
+    axum::extract::State(s): axum::extract::State<std::sync::Arc<crate::admin::AdminState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
+    match de.as_ref().map(|d| d.authz.dump()) {
+        Some(Ok(v)) => axum::Json(v).into_response(),
+        Some(Err(e)) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}\n"),
+        )
+            .into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "not running in dual-engine mode\n",
+        )
+            .into_response(),
+    }
+}
+
+/// One decision read from `KM_AZ_EVENTS`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Decision {
+    pub src: std::net::IpAddr,
+    pub dst: std::net::SocketAddr,
+    /// `allow` or `deny`.
+    pub verdict: &'static str,
+    /// `policy`, `no_allow_match` or `no_policy`.
+    pub reason: &'static str,
+    /// `namespace/name` of the deciding policy, when one matched.
+    pub policy: Option<String>,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "authz {} src={} dst={} reason={}",
+            self.verdict, self.src, self.dst, self.reason
+        )?;
+        if let Some(p) = &self.policy {
+            write!(f, " policy={p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The decision events of the XDP program, for the access log.
+pub struct AccessLog {
+    ring: aya::maps::RingBuf<MapData>,
+    policy_names: Vec<String>,
+}
+
+impl AccessLog {
+    /// Takes the event ring buffer out of the object; `policy_names`
+    /// (`AuthzTables::policy_names`) turn policy ids into names.
+    pub fn take(ebpf: &mut Ebpf, policy_names: Vec<String>) -> Result<Self, DataplaneError> {
+        Ok(AccessLog {
+            ring: take(ebpf, "KM_AZ_EVENTS")?,
+            policy_names,
+        })
+    }
+
+    /// Every event waiting in the ring, oldest first. Does not block.
+    pub fn drain(&mut self) -> Vec<Decision> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<kmesh_abi::authz::AzEvent>() {
+                continue;
+            }
+            // SAFETY: the item holds at least one AzEvent written by the
+            // kernel program (a #[repr(C)] struct of integers, every bit
+            // pattern valid); read_unaligned copes with any alignment.
+            let ev: kmesh_abi::authz::AzEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            out.push(Decision {
+                src: ip_of(&AzIp { addr: ev.src }),
+                dst: std::net::SocketAddr::new(ip_of(&AzIp { addr: ev.dst }), ev.port as u16),
+                verdict: if ev.verdict == kmesh_abi::authz::VERDICT_DENY {
+                    "deny"
+                } else {
+                    "allow"
+                },
+                reason: match ev.reason {
+                    kmesh_abi::authz::reason::POLICY => "policy",
+                    kmesh_abi::authz::reason::NO_ALLOW_MATCH => "no_allow_match",
+                    _ => "no_policy",
+                },
+                policy: (ev.reason == kmesh_abi::authz::reason::POLICY)
+                    .then(|| self.policy_names.get(ev.policy_id as usize).cloned())
+                    .flatten(),
+            });
+        }
+        out
+    }
+
+    /// Logs every decision as it arrives (target `accesslog`), until the
+    /// process ends. Cost: one wakeup per batch of events (epoll on the
+    /// ring buffer's fd).
+    pub async fn run(self) -> std::io::Result<()> {
+        // SAFETY: the fd is the ring buffer map's, owned by `self`, which
+        // the AsyncFd owns: it stays open and the same for its lifetime.
+        let mut fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        loop {
+            let mut guard = fd.readable_mut().await?;
+            for d in guard.get_inner_mut().drain() {
+                tracing::info!(target: "accesslog", "{d}");
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+impl AsRawFd for AccessLog {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}

@@ -1,0 +1,237 @@
+//! Dual-engine local config: workloads, services and authorization
+//! policies in istio/ztunnel's local config format (the shape of the
+//! Istio workload API, `istio.workload.Address` and
+//! `istio.security.Authorization`), validated once at the boundary and
+//! compiled into the connect-time service records ([`FlatConfig`]) and the
+//! authorization tables of the XDP program ([`AuthzTables`]).
+//!
+//! ```yaml
+//! workloads:
+//! - name: web-0
+//!   namespace: default
+//!   serviceAccount: web
+//!   workloadIps: ["10.244.0.3"]
+//!   services: { "default/web.default.svc.cluster.local": { 80: 8080 } }
+//!   authorizationPolicies: ["default/only-client"]   # WorkloadSelector scope
+//! services:
+//! - name: web
+//!   namespace: default
+//!   hostname: web.default.svc.cluster.local
+//!   vips: ["/10.96.0.10"]
+//!   ports: { 80: 8080 }
+//! policies:
+//! - name: only-client
+//!   namespace: default
+//!   scope: WorkloadSelector          # Global | Namespace | WorkloadSelector
+//!   action: Allow                    # Allow | Deny
+//!   rules:                           # rules (OR) → clauses (AND) → matches (OR)
+//!   - - - principals: [{Exact: "cluster.local/ns/default/sa/client"}]
+//!         destinationPorts: [8080]
+//! ```
+//!
+//! L7 fields (`paths`, `methods`, `hosts`, `requestPrincipals`,
+//! `remoteIps`, `when` and their `not` forms) cannot be checked by an L4
+//! engine. They are handled the way Istio documents for ztunnel, so that a
+//! policy never fails open: in an ALLOW policy a match using them never
+//! matches (what it would have allowed is denied); in a DENY policy they are
+//! dropped and the match's L4 part is enforced (so it denies at least what
+//! the full policy denies; with no L4 part left it matches every
+//! connection). Both produce a warning naming the policy and field.
+
+mod compile;
+mod parse;
+
+pub use compile::{az_ip, compile, AuthzTables};
+pub use parse::parse_local_config;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::{ConfigErrors, FlatConfig};
+
+/// A workload as the kernel needs it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub trust_domain: String,
+    pub node: String,
+    /// `status`: an Unhealthy workload is no service endpoint (its
+    /// identity and policies still apply).
+    pub healthy: bool,
+    pub ips: Vec<IpAddr>,
+    /// `namespace/hostname` of a service → (service port → target port).
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// `namespace/name` of the WorkloadSelector policies selecting it.
+    pub authorization_policies: Vec<String>,
+}
+
+impl Workload {
+    /// `<trust domain>/ns/<namespace>/sa/<service account>`: the SPIFFE id
+    /// without `spiffe://`, the form Istio principals are written in.
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// Load balancing of a service's endpoints at connect time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum LbMode {
+    Random,
+    RoundRobin,
+}
+
+/// A service: VIPs and ports; endpoints are the workloads that name it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// Service port → target port (0: same as the service port).
+    pub ports: BTreeMap<u16, u16>,
+    pub lb: LbMode,
+}
+
+impl Service {
+    /// `namespace/hostname`, the key workloads use in `services`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Scope {
+    /// Applies to every workload (a policy in the root namespace).
+    Global,
+    /// Applies to the workloads of the policy's namespace.
+    Namespace,
+    /// Applies to the workloads that list it in `authorizationPolicies`.
+    WorkloadSelector,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// A string match of `namespaces` / `principals`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// Any non-empty value.
+    Presence,
+}
+
+impl StringMatch {
+    pub fn matches(&self, s: &str) -> bool {
+        match self {
+            StringMatch::Exact(e) => s == e,
+            StringMatch::Prefix(p) => s.starts_with(p.as_str()),
+            StringMatch::Suffix(p) => s.ends_with(p.as_str()),
+            StringMatch::Presence => !s.is_empty(),
+        }
+    }
+}
+
+/// An IP prefix; host bits beyond `len` are zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+/// One match: every non-empty field must hold (AND); within a field, any
+/// value (OR); within a `not` field, none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Match {
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    /// (namespace, service account).
+    pub service_accounts: Vec<(String, String)>,
+    pub not_service_accounts: Vec<(String, String)>,
+    pub source_ips: Vec<Cidr>,
+    pub not_source_ips: Vec<Cidr>,
+    pub destination_ips: Vec<Cidr>,
+    pub not_destination_ips: Vec<Cidr>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+    /// Names of the L7 fields the match used (already handled: see the
+    /// module docs); kept for the dump.
+    pub l7_fields: Vec<String>,
+}
+
+impl Match {
+    /// True when no L4 field is set.
+    pub fn is_l4_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
+            && self.source_ips.is_empty()
+            && self.not_source_ips.is_empty()
+            && self.destination_ips.is_empty()
+            && self.not_destination_ips.is_empty()
+            && self.destination_ports.is_empty()
+            && self.not_destination_ports.is_empty()
+    }
+}
+
+/// An authorization policy. `rules[r][c][m]`: rules OR'd, clauses AND'd,
+/// matches OR'd.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub action: Action,
+    pub rules: Vec<Vec<Vec<Match>>>,
+}
+
+impl Policy {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The validated local config.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LocalConfig {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Policy>,
+    pub warnings: Vec<String>,
+}
+
+/// Everything the daemon writes in dual-engine mode.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DualEngineConfig {
+    pub config: LocalConfig,
+    /// Services as connect-time records (the same maps as kernel-native).
+    pub flat: FlatConfig,
+    #[serde(skip)]
+    pub authz: AuthzTables,
+}
+
+/// Parses, validates and compiles a ztunnel-style local config document.
+pub fn compile_local_config(text: &str) -> Result<DualEngineConfig, ConfigErrors> {
+    let config = parse_local_config(text)?;
+    let (flat, authz) = compile(&config)?;
+    Ok(DualEngineConfig {
+        config,
+        flat,
+        authz,
+    })
+}
