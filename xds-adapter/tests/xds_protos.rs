@@ -87,10 +87,10 @@ fn try_from_listener() {
         e.0[0].to_string(),
         "listener \"web\": field address.socket_address.port_value: 70000 is out of range (0-65535)"
     );
-    assert_eq!(e.0[1].field, "filter_chains[0].filters[0]");
+    assert_eq!(e.0[1].field, "filter_chains[0].filters[0].typed_config");
     assert!(e.0[1]
         .message
-        .contains("HTTP connection manager, which is not supported yet"));
+        .contains("http_connection_manager has neither rds nor route_config"));
 }
 
 #[test]
@@ -122,6 +122,7 @@ fn eds_from_resources() {
         listeners: vec![tcp_listener("ratings", "fd00::6", 9080, "ratings")],
         clusters: vec![c],
         load_assignments: vec![cla],
+        ..Default::default()
     };
     let mesh = MeshConfig::from_resources(&r).unwrap();
     assert_eq!(
@@ -151,6 +152,7 @@ fn cross_resource_checks() {
             },
             ClusterLoadAssignment::default(),
         ],
+        ..Default::default()
     };
     let e = MeshConfig::from_resources(&r).unwrap_err();
     let lines: Vec<String> = e.iter().map(ToString::to_string).collect();
@@ -188,6 +190,7 @@ fn unused_resources_are_warned() {
             cluster_name: "orphan".into(),
             ..Default::default()
         }],
+        ..Default::default()
     };
     let mesh = MeshConfig::from_resources(&r).unwrap();
     assert_eq!(
