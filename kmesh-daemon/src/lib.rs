@@ -5,13 +5,15 @@
 //! - [`writer`]: the make-before-break, all-or-nothing map update protocol;
 //! - [`netns`]: network namespace cookies for enrollment;
 //! - [`sys`]: cgroup v2 and bpffs discovery;
-//! - [`admin`]: the admin HTTP API on 127.0.0.1:15200.
+//! - [`admin`]: the admin HTTP API on 127.0.0.1:15200;
+//! - [`xds`]: the ADS client (and a test control plane).
 
 pub mod admin;
 pub mod dataplane;
 pub mod netns;
 pub mod sys;
 pub mod writer;
+pub mod xds;
 
 /// The daemon's version, as `/version` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
