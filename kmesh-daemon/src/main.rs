@@ -45,8 +45,23 @@ struct RunArgs {
 
     /// Static mesh config: an Envoy v3 bootstrap (`static_resources`) or an
     /// Envoy config_dump, YAML or JSON.
-    #[arg(long, env = "KMESH_CONFIG")]
+    #[arg(long, env = "KMESH_CONFIG", conflicts_with = "xds_address")]
     config: Option<PathBuf>,
+
+    /// Control plane (ADS) address: `http://host:port` for plaintext, e.g.
+    /// Istiod's `http://istiod.istio-system.svc:15010`. Istio's default
+    /// `istiod.istio-system.svc:15012` is TLS, which is not implemented yet.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+
+    /// Use delta ADS instead of state of the world.
+    #[arg(long, env = "KMESH_XDS_DELTA")]
+    xds_delta: bool,
+
+    /// Bearer token file sent to the control plane [default: Istio's
+    /// projected token /var/run/secrets/tokens/istio-token, when present].
+    #[arg(long, env = "KMESH_XDS_TOKEN")]
+    xds_token: Option<PathBuf>,
 
     /// Network namespace to enroll (e.g. /var/run/netns/NAME, or
     /// /proc/1/ns/net for the host); repeatable.
@@ -101,6 +116,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Stops the xDS client before the dataplane is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn pin_dir(bpf_fs_path: &Path) -> PathBuf {
     bpf_fs_path.join("kmesh")
 }
@@ -120,16 +144,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.mode == Mode::DualEngine {
         bail!("--mode dual-engine is not implemented in this version; use --mode kernel-native");
     }
-    let Some(config_path) = &args.config else {
-        bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources); the xDS client is not implemented in this version");
+    let xds = match (&args.config, &args.xds_address) {
+        (None, None) => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
+        (_, Some(addr)) => {
+            // Refuse an unusable address before loading anything.
+            kmesh_daemon::xds::client::endpoint_uri(addr).map_err(anyhow::Error::msg)?;
+            let mut opts = kmesh_daemon::xds::ClientOptions::new(
+                addr.clone(),
+                kmesh_daemon::xds::NodeIdentity::from_env(),
+            );
+            opts.delta = args.xds_delta;
+            opts.token_path = args.xds_token.clone().or_else(|| {
+                let p = PathBuf::from("/var/run/secrets/tokens/istio-token");
+                p.exists().then_some(p)
+            });
+            Some(opts)
+        }
+        (Some(_), None) => None,
     };
-    let text = std::fs::read_to_string(config_path)
-        .with_context(|| format!("reading --config {}", config_path.display()))?;
-    let flat = xds_adapter::compile_static_config(&text)
-        .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?;
-    for w in &flat.warnings {
-        tracing::warn!("config: {w}");
-    }
+    let flat = match &args.config {
+        Some(config_path) => {
+            let text = std::fs::read_to_string(config_path)
+                .with_context(|| format!("reading --config {}", config_path.display()))?;
+            let flat = xds_adapter::compile_static_config(&text)
+                .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?;
+            for w in &flat.warnings {
+                tracing::warn!("config: {w}");
+            }
+            flat
+        }
+        // The control plane fills the maps; until then connects are left alone.
+        None => xds_adapter::FlatConfig {
+            services: Default::default(),
+            warnings: vec![],
+        },
+    };
 
     let cgroup = match &args.cgroup2_path {
         Some(p) => p.clone(),
@@ -161,12 +210,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_dir: Some(pins.clone()),
     })?;
     let summary = dp.apply(&flat)?;
-    tracing::info!(
-        services = summary.added,
-        slots = summary.slots_written,
-        "config {} written to the kernel",
-        config_path.display()
-    );
+    if let Some(p) = &args.config {
+        tracing::info!(
+            services = summary.added,
+            slots = summary.slots_written,
+            "config {} written to the kernel",
+            p.display()
+        );
+    }
     for (path, cookie) in &cookies {
         dp.enroll(*cookie)?;
         tracing::info!(netns = %path.display(), cookie, "enrolled");
@@ -175,8 +226,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(cgroup = %cgroup.display(), programs = ?dp.program_ids(), "programs attached");
     *state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(flat);
     *state.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(dp);
-    state.ready.store(true, Ordering::Release);
-    tracing::info!("ready");
+    let _xds_task = match xds {
+        Some(opts) => {
+            let status = kmesh_daemon::xds::SharedStatus::default();
+            *state.xds.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+            tracing::info!(address = %opts.address, delta = opts.delta, "subscribing to the control plane; ready after its first config");
+            Some(AbortOnDrop(tokio::spawn(kmesh_daemon::xds::run(
+                opts,
+                kmesh_daemon::xds::DataplaneSink {
+                    state: state.clone(),
+                },
+                status,
+            ))))
+        }
+        None => {
+            state.ready.store(true, Ordering::Release);
+            tracing::info!("ready");
+            None
+        }
+    };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -187,6 +255,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     state.ready.store(false, Ordering::Release);
+    drop(_xds_task);
     // Dropping the dataplane detaches the programs and removes the pins.
     drop(
         state

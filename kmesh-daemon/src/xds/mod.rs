@@ -59,6 +59,10 @@ impl Sink for DataplaneSink {
             "xDS update written to the kernel"
         );
         *self.state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled.flat.clone());
+        // Ready once the first control-plane config is in the kernel.
+        self.state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }
