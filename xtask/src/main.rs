@@ -101,6 +101,8 @@ fn test() -> anyhow::Result<()> {
         );
     }
     setup::run()?;
+    step("Envoy for the xDS fixture tests (a real xDS client)");
+    let envoy = setup::ensure_envoy()?;
     step("cargo fmt --check");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
     build()?;
@@ -115,7 +117,11 @@ fn test() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     step("unit tests, then kernel tests (bpf-tests: real sockets in network namespaces)");
-    run_cmd(cargo().args(["test", "--locked", "--workspace"]))?;
+    run_cmd(
+        cargo()
+            .args(["test", "--locked", "--workspace"])
+            .env("KMESH_TEST_ENVOY", &envoy),
+    )?;
     eprintln!("\nall tests passed");
     Ok(())
 }
