@@ -135,7 +135,7 @@ fn flatten_impl(mesh: &MeshConfig) -> Result<(FlatConfig, Vec<crate::ConfigError
 /// [(address, endpoint weight × locality weight)]).
 type Group<'a> = (&'a str, u32, Vec<(SocketAddr, u128)>);
 
-fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<FlatService> {
+pub(crate) fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<FlatService> {
     let res = listener_label(&l.name);
     let before = d.errors.len();
     let mut groups: Vec<Group<'_>> = Vec::new();

@@ -45,7 +45,7 @@ pub use flatten::{flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatServic
 pub use mesh::MeshConfig;
 pub use xds::{
     check_cluster, check_listener, check_load_assignment, check_route_config, compile_lenient,
-    Compiled,
+    Compiled, Incremental,
 };
 
 /// The type URL of the HTTP connection manager network filter's `typed_config`.
@@ -69,6 +69,28 @@ pub struct Resources {
     pub load_assignments: Vec<ClusterLoadAssignment>,
     /// Route configurations referenced by HTTP listeners' `rds`.
     pub route_configs: Vec<RouteConfiguration>,
+}
+
+/// [`Resources`] by reference: what a holder of resources (the xDS client's
+/// store) hands to [`compile_lenient`] without copying them.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceRefs<'a> {
+    pub listeners: Vec<&'a Listener>,
+    pub clusters: Vec<&'a Cluster>,
+    pub load_assignments: Vec<&'a ClusterLoadAssignment>,
+    pub route_configs: Vec<&'a RouteConfiguration>,
+}
+
+impl Resources {
+    /// The same resources by reference.
+    pub fn refs(&self) -> ResourceRefs<'_> {
+        ResourceRefs {
+            listeners: self.listeners.iter().collect(),
+            clusters: self.clusters.iter().collect(),
+            load_assignments: self.load_assignments.iter().collect(),
+            route_configs: self.route_configs.iter().collect(),
+        }
+    }
 }
 
 /// Parses a static config document (YAML or JSON; JSON is detected, YAML is

@@ -13,7 +13,7 @@ use crate::model::{
     self, cla_label, cluster_label, convert_cluster, convert_listener, listener_label, HttpRoutes,
     ListenerKind, TcpRoute,
 };
-use crate::Resources;
+use crate::{ResourceRefs, Resources};
 
 /// The validated configuration: listeners with their routes, and the
 /// clusters they use.
@@ -32,7 +32,7 @@ impl MeshConfig {
     /// Converts and cross-checks all resources. Collects every problem
     /// rather than stopping at the first.
     pub fn from_resources(r: &Resources) -> Result<MeshConfig, ConfigErrors> {
-        let (mesh, errors) = Self::build(r, false);
+        let (mesh, errors) = Self::build(&r.refs(), false);
         if errors.is_empty() {
             Ok(mesh)
         } else {
@@ -45,16 +45,16 @@ impl MeshConfig {
     /// whole config: the second value lists what was left out and why. This
     /// is what a control-plane client wants, where resources arrive one by
     /// one and a cluster may wait for its endpoints (EDS warming).
-    pub fn from_resources_lenient(r: &Resources) -> (MeshConfig, Vec<ConfigError>) {
+    pub fn from_resources_lenient(r: &ResourceRefs<'_>) -> (MeshConfig, Vec<ConfigError>) {
         Self::build(r, true)
     }
 
-    fn build(r: &Resources, lenient: bool) -> (MeshConfig, Vec<ConfigError>) {
+    fn build(r: &ResourceRefs<'_>, lenient: bool) -> (MeshConfig, Vec<ConfigError>) {
         let mut d = Diag::default();
 
         // ClusterLoadAssignments (for EDS clusters), by cluster name.
         let mut clas = BTreeMap::new();
-        for cla in &r.load_assignments {
+        for &cla in &r.load_assignments {
             let res = cla_label(&cla.cluster_name);
             if cla.cluster_name.is_empty() {
                 d.error(
@@ -70,7 +70,7 @@ impl MeshConfig {
         let mut clusters = BTreeMap::new();
         let mut failed = BTreeSet::new();
         let mut seen = BTreeSet::new();
-        for c in &r.clusters {
+        for &c in &r.clusters {
             if !c.name.is_empty() && !seen.insert(c.name.as_str()) {
                 d.error(&cluster_label(&c.name), "name", "duplicate cluster name");
                 continue;
@@ -109,7 +109,7 @@ impl MeshConfig {
 
         // Route configurations from RDS, by name.
         let mut rds: BTreeMap<&str, &pb_route::RouteConfiguration> = BTreeMap::new();
-        for rc in &r.route_configs {
+        for &rc in &r.route_configs {
             let res = route_config_label(&rc.name);
             if rc.name.is_empty() {
                 d.error(&res, "name", "route configuration has no name");
@@ -132,7 +132,7 @@ impl MeshConfig {
         let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
         let mut used = BTreeSet::new();
         let mut used_rds = BTreeSet::new();
-        for l in &r.listeners {
+        for &l in &r.listeners {
             let res = listener_label(&l.name);
             if !l.name.is_empty() && !names.insert(l.name.as_str()) {
                 d.error(&res, "name", "duplicate listener name");

@@ -16,7 +16,7 @@ use crate::http::{decide_route_config, route_config_label};
 use crate::model::{
     cla_label, convert_cluster, convert_listener, endpoints_of, HttpRoutes, ListenerKind,
 };
-use crate::{flatten_lenient, FlatConfig, MeshConfig, Resources};
+use crate::{flatten_lenient, FlatConfig, MeshConfig, ResourceRefs};
 
 fn finish(d: Diag) -> Result<Vec<String>, ConfigErrors> {
     if d.errors.is_empty() {
@@ -91,9 +91,91 @@ pub struct Compiled {
 /// Compiles whatever resources are held, leaving out what cannot be
 /// installed (see [`MeshConfig::from_resources_lenient`]). Fails only when
 /// the whole config does not fit the kernel maps.
-pub fn compile_lenient(r: &Resources) -> Result<Compiled, ConfigErrors> {
+pub fn compile_lenient(r: &ResourceRefs<'_>) -> Result<Compiled, ConfigErrors> {
     let (mesh, mut excluded) = MeshConfig::from_resources_lenient(r);
     let (flat, more) = flatten_lenient(&mesh)?;
     excluded.extend(more);
     Ok(Compiled { flat, excluded })
+}
+
+/// A compile kept for incremental updates: an endpoints-only change
+/// (EDS) re-flattens just the services whose clusters changed, instead of
+/// the whole mesh. Cost: O(services using the cluster × their endpoints).
+pub struct Incremental {
+    mesh: MeshConfig,
+    compiled: Compiled,
+    /// cluster name → VIPs of the services that route to it.
+    users: BTreeMap<String, Vec<std::net::SocketAddr>>,
+}
+
+impl Incremental {
+    /// A full lenient compile, kept.
+    pub fn full(r: &ResourceRefs<'_>) -> Result<Incremental, ConfigErrors> {
+        let (mesh, mut excluded) = MeshConfig::from_resources_lenient(r);
+        let (flat, more) = flatten_lenient(&mesh)?;
+        excluded.extend(more);
+        let mut users: BTreeMap<String, Vec<std::net::SocketAddr>> = BTreeMap::new();
+        for l in &mesh.listeners {
+            if flat.services.contains_key(&l.address) {
+                for (c, _) in l.route.clusters() {
+                    users.entry(c.to_string()).or_default().push(l.address);
+                }
+            }
+        }
+        Ok(Incremental {
+            mesh,
+            compiled: Compiled { flat, excluded },
+            users,
+        })
+    }
+
+    /// The current result.
+    pub fn compiled(&self) -> &Compiled {
+        &self.compiled
+    }
+
+    /// The ClusterLoadAssignment of EDS clusters `clusters` changed to
+    /// `cla`. Returns the VIPs whose records changed, or `None` when the
+    /// change reaches further (a cluster becomes usable or unusable, a
+    /// service fails to flatten): then a full compile is needed, and this
+    /// value must be replaced. Warnings are refreshed only by full
+    /// compiles.
+    pub fn update_endpoints(
+        &mut self,
+        clusters: &[&Cluster],
+        cla: &ClusterLoadAssignment,
+    ) -> Option<Vec<std::net::SocketAddr>> {
+        let mut touched = Vec::new();
+        for c in clusters {
+            if !self.mesh.clusters.contains_key(&c.name) {
+                return None;
+            }
+            let mut d = Diag::default();
+            let map = BTreeMap::from([(cla.cluster_name.as_str(), cla)]);
+            let m = convert_cluster(c, &map, false, &mut d)?;
+            if !d.errors.is_empty() {
+                return None;
+            }
+            self.mesh.clusters.insert(c.name.clone(), m);
+            touched.extend(self.users.get(&c.name).into_iter().flatten().copied());
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let mut changed = Vec::new();
+        for vip in touched {
+            let l = self.mesh.listeners.iter().find(|l| l.address == vip)?;
+            let mut d = Diag::default();
+            let s = crate::flatten::service(l, &self.mesh, &mut d)?;
+            if !d.errors.is_empty() {
+                return None;
+            }
+            let old = self.compiled.flat.services.get(&vip);
+            if old.is_none_or(|o| o.slots != s.slots || o.lb_policy != s.lb_policy) {
+                changed.push(vip);
+            }
+            self.compiled.flat.services.insert(vip, s);
+        }
+        // The slot map's capacity still holds (checked by the kernel apply).
+        Some(changed)
+    }
 }

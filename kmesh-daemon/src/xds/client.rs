@@ -36,7 +36,24 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use xds_adapter::Compiled;
+use xds_adapter::{Compiled, Incremental};
+
+/// What the status keeps of a compile (not the services themselves).
+trait CloneSummary {
+    fn clone_summary(&self) -> Compiled;
+}
+
+impl CloneSummary for Compiled {
+    fn clone_summary(&self) -> Compiled {
+        Compiled {
+            flat: xds_adapter::FlatConfig {
+                services: Default::default(),
+                warnings: Vec::new(),
+            },
+            excluded: self.excluded.clone(),
+        }
+    }
+}
 
 use super::node::NodeIdentity;
 use super::store::{
@@ -106,6 +123,18 @@ pub trait Sink: Send {
     /// Makes the dataplane hold `compiled`. On error the previous config
     /// must still be in force (the dataplane's apply is all-or-nothing).
     fn apply(&mut self, compiled: &Compiled, store: &Store) -> Result<(), String>;
+
+    /// Only the services at `vips` changed in `compiled` (an endpoints
+    /// update). The default applies everything.
+    fn apply_services(
+        &mut self,
+        compiled: &Compiled,
+        vips: &[std::net::SocketAddr],
+        store: &Store,
+    ) -> Result<(), String> {
+        let _ = vips;
+        self.apply(compiled, store)
+    }
 }
 
 /// What the client reports (admin dump, tests).
@@ -162,6 +191,8 @@ pub async fn run(opts: ClientOptions, mut sink: impl Sink, status: SharedStatus)
         s.node_id = opts.node.node_id();
     }
     let mut store = Store::new();
+    // The last full compile, kept for incremental endpoint updates.
+    let mut inc: Option<Incremental> = None;
     let mut versions: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut attempt: u32 = 0;
     let mut rng = seed();
@@ -169,11 +200,20 @@ pub async fn run(opts: ClientOptions, mut sink: impl Sink, status: SharedStatus)
         lock(&status).streams += 1;
         let mut progressed = false;
         let r = if opts.delta {
-            run_delta(&opts, &mut store, &mut sink, &status, &mut progressed).await
+            run_delta(
+                &opts,
+                &mut store,
+                &mut inc,
+                &mut sink,
+                &status,
+                &mut progressed,
+            )
+            .await
         } else {
             run_sotw(
                 &opts,
                 &mut store,
+                &mut inc,
                 &mut versions,
                 &mut sink,
                 &status,
@@ -263,19 +303,23 @@ fn commit(
     backup: BTreeMap<&'static str, BTreeMap<String, super::store::Held>>,
     sink: &mut impl Sink,
     status: &SharedStatus,
+    inc: &mut Option<Incremental>,
 ) -> Result<(), String> {
-    let res = store.resources();
-    let compiled = match xds_adapter::compile_lenient(&res) {
+    let full = match Incremental::full(&store.resources()) {
         Ok(c) => c,
         Err(e) => {
             store.types.extend(backup);
             return Err(format!("the config does not fit the kernel: {e}"));
         }
     };
-    if let Err(e) = sink.apply(&compiled, store) {
+    if let Err(e) = sink.apply(full.compiled(), store) {
         store.types.extend(backup);
+        // The kernel still holds what the previous compile produced.
+        *inc = Incremental::full(&store.resources()).ok();
         return Err(format!("writing the config to the kernel failed: {e}"));
     }
+    let compiled = full.compiled().clone_summary();
+    *inc = Some(full);
     let mut s = lock(status);
     s.applies += 1;
     s.resources = store.summary();
@@ -311,6 +355,7 @@ fn accept(
     store: &mut Store,
     sink: &mut impl Sink,
     status: &SharedStatus,
+    inc: &mut Option<Incremental>,
     update: impl FnOnce(&mut Store) -> Outcome,
 ) -> Option<String> {
     // Only the response's type and the garbage-collected types change; a
@@ -338,13 +383,72 @@ fn accept(
     lock(status)
         .rejected
         .insert(short(type_url), outcome.rejected.clone());
-    if outcome.changed || collected {
-        if let Err(e) = commit(store, backup, sink, status) {
-            tracing::error!("xDS NACK: {e}");
-            return Some(e);
+    if !(outcome.changed || collected) {
+        return nack;
+    }
+    // Endpoints-only change: redo just the services that use them.
+    if type_url == ENDPOINT_TYPE && !collected && outcome.removed.is_empty() {
+        if let Some(vips) = incremental(store, &outcome.upserted, inc) {
+            let Some(i) = inc.as_ref() else {
+                return nack;
+            };
+            match sink.apply_services(i.compiled(), &vips, store) {
+                Ok(()) => {
+                    let mut s = lock(status);
+                    s.applies += 1;
+                    for (name, h) in store.of(ENDPOINT_TYPE).into_iter().flatten() {
+                        if outcome.upserted.contains(name) {
+                            s.resources
+                                .entry(short(ENDPOINT_TYPE))
+                                .or_default()
+                                .insert(name.clone(), h.version.clone());
+                        }
+                    }
+                    return nack;
+                }
+                Err(e) => {
+                    store.types.extend(backup);
+                    *inc = Incremental::full(&store.resources()).ok();
+                    let e = format!("writing the config to the kernel failed: {e}");
+                    tracing::error!("xDS NACK: {e}");
+                    return Some(e);
+                }
+            }
         }
     }
+    if let Err(e) = commit(store, backup, sink, status, inc) {
+        tracing::error!("xDS NACK: {e}");
+        return Some(e);
+    }
     nack
+}
+
+/// Applies changed ClusterLoadAssignments to the kept compile; the VIPs
+/// whose records changed, or `None` when a full compile is needed.
+fn incremental(
+    store: &Store,
+    names: &[String],
+    inc: &mut Option<Incremental>,
+) -> Option<Vec<std::net::SocketAddr>> {
+    let i = inc.as_mut()?;
+    let held = store.of(ENDPOINT_TYPE)?;
+    let mut vips = Vec::new();
+    for n in names {
+        let super::store::Decoded::Endpoints(cla) = &held.get(n)?.resource else {
+            return None;
+        };
+        let clusters = store.clusters_for_eds(n);
+        match i.update_endpoints(&clusters, cla) {
+            Some(v) => vips.extend(v),
+            None => {
+                *inc = None;
+                return None;
+            }
+        }
+    }
+    vips.sort_unstable();
+    vips.dedup();
+    Some(vips)
 }
 
 fn rpc_status(message: String) -> RpcStatus {
@@ -358,6 +462,7 @@ fn rpc_status(message: String) -> RpcStatus {
 async fn run_sotw(
     opts: &ClientOptions,
     store: &mut Store,
+    inc: &mut Option<Incremental>,
     versions: &mut BTreeMap<&'static str, String>,
     sink: &mut impl Sink,
     status: &SharedStatus,
@@ -442,7 +547,7 @@ async fn run_sotw(
             tracing::warn!(type_url = %resp.type_url, "xDS: response of a type never asked for; ignored");
             continue;
         };
-        let nack = accept(t, store, sink, status, |s| {
+        let nack = accept(t, store, sink, status, inc, |s| {
             s.apply_sotw(t, &resp.version_info, &resp.resources)
         });
         {
@@ -494,6 +599,7 @@ async fn run_sotw(
 async fn run_delta(
     opts: &ClientOptions,
     store: &mut Store,
+    inc: &mut Option<Incremental>,
     sink: &mut impl Sink,
     status: &SharedStatus,
     progressed: &mut bool,
@@ -584,7 +690,7 @@ async fn run_delta(
             .collect();
         let mut removed = resp.removed_resources.clone();
         removed.extend(resp.removed_resource_names.iter().map(|n| n.name.clone()));
-        let nack = accept(t, store, sink, status, |s| {
+        let nack = accept(t, store, sink, status, inc, |s| {
             s.apply_delta(t, &items, &removed)
         });
         let st = types.entry(t).or_default();

@@ -60,9 +60,45 @@ impl Sink for DataplaneSink {
         );
         *self.state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(compiled.flat.clone());
         // Ready once the first control-plane config is in the kernel.
+        // (apply_services only ever follows an apply.)
         self.state
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn apply_services(
+        &mut self,
+        compiled: &xds_adapter::Compiled,
+        vips: &[std::net::SocketAddr],
+        _: &store::Store,
+    ) -> Result<(), String> {
+        let mut dp = self
+            .state
+            .dataplane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(dp) = dp.as_mut() else {
+            return Err("the dataplane is not loaded".into());
+        };
+        let t = std::time::Instant::now();
+        let summary = dp
+            .apply_services(&compiled.flat, vips)
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(
+            changed = summary.changed,
+            slots = summary.slots_written,
+            micros = t.elapsed().as_micros() as u64,
+            "xDS endpoint update written to the kernel"
+        );
+        let mut cfg = self.state.config.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cfg) = cfg.as_mut() {
+            for v in vips {
+                if let Some(s) = compiled.flat.services.get(v) {
+                    cfg.services.insert(*v, s.clone());
+                }
+            }
+        }
         Ok(())
     }
 }

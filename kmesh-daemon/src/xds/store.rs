@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use xds_adapter::Resources;
+use xds_adapter::ResourceRefs;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -71,6 +71,10 @@ pub struct Rejected {
 pub struct Outcome {
     /// True when the held set changed (an apply is needed).
     pub changed: bool,
+    /// Names added or replaced with different content.
+    pub upserted: Vec<String>,
+    /// Names removed.
+    pub removed: Vec<String>,
     pub rejected: Vec<Rejected>,
     /// Warnings of the accepted resources.
     pub warnings: Vec<String>,
@@ -203,9 +207,16 @@ impl Store {
         if complete {
             // Names absent from the response are removed; rejected names
             // keep their last good version.
-            let before = held.len();
-            held.retain(|k, _| named_in_response.contains(k));
-            out.changed |= held.len() != before;
+            let gone: Vec<String> = held
+                .keys()
+                .filter(|k| !named_in_response.contains(*k))
+                .cloned()
+                .collect();
+            for k in &gone {
+                held.remove(k);
+            }
+            out.changed |= !gone.is_empty();
+            out.removed = gone;
         }
         for (name, h) in fresh {
             let same = held
@@ -213,6 +224,7 @@ impl Store {
                 .is_some_and(|old| same_resource(&old.resource, &h.resource));
             if !same {
                 out.changed = true;
+                out.upserted.push(name.clone());
             }
             held.insert(name, h);
         }
@@ -249,6 +261,9 @@ impl Store {
                         .get(name)
                         .is_some_and(|old| same_resource(&old.resource, &resource));
                     out.changed |= !same;
+                    if !same {
+                        out.upserted.push(name.clone());
+                    }
                     held.insert(
                         name.clone(),
                         Held {
@@ -268,7 +283,10 @@ impl Store {
             }
         }
         for name in removed {
-            out.changed |= held.remove(name).is_some();
+            if held.remove(name).is_some() {
+                out.changed = true;
+                out.removed.push(name.clone());
+            }
         }
         out
     }
@@ -310,6 +328,29 @@ impl Store {
         out
     }
 
+    /// The held EDS clusters whose endpoints come from assignment `eds_name`.
+    pub fn clusters_for_eds(&self, eds_name: &str) -> Vec<&Cluster> {
+        self.of(CLUSTER_TYPE)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|h| match &h.resource {
+                Decoded::Cluster(c) => Some(c),
+                _ => None,
+            })
+            .filter(|c| {
+                let eds = matches!(c.cluster_discovery_type,
+                    Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32);
+                let svc = c
+                    .eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.as_str())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(c.name.as_str());
+                eds && svc == eds_name
+            })
+            .collect()
+    }
+
     /// The route configuration names the held listeners use through RDS.
     pub fn rds_names(&self) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
@@ -333,16 +374,16 @@ impl Store {
         out
     }
 
-    /// Everything held, as the adapter takes it.
-    pub fn resources(&self) -> Resources {
-        let mut r = Resources::default();
+    /// Everything held, by reference, as the adapter takes it (no copy).
+    pub fn resources(&self) -> ResourceRefs<'_> {
+        let mut r = ResourceRefs::default();
         for m in self.types.values() {
             for h in m.values() {
                 match &h.resource {
-                    Decoded::Listener(l) => r.listeners.push(l.clone()),
-                    Decoded::Cluster(c) => r.clusters.push(c.clone()),
-                    Decoded::Endpoints(e) => r.load_assignments.push(e.clone()),
-                    Decoded::Route(rc) => r.route_configs.push(rc.clone()),
+                    Decoded::Listener(l) => r.listeners.push(l),
+                    Decoded::Cluster(c) => r.clusters.push(c),
+                    Decoded::Endpoints(e) => r.load_assignments.push(e),
+                    Decoded::Route(rc) => r.route_configs.push(rc),
                 }
             }
         }
