@@ -141,9 +141,7 @@ impl MeshConfig {
             let Some(conv) = convert_listener(l, &mut d) else {
                 continue;
             };
-            // (VIP, route, references, resource the references are in)
-            let mut candidates: Vec<(SocketAddr, TcpRoute, Vec<(String, String)>, String)> =
-                Vec::new();
+            let mut candidates: Vec<Candidate> = Vec::new();
             match conv.kind {
                 ListenerKind::Tcp((route, refs)) => {
                     candidates.push((conv.address, route, refs, res.clone()))
@@ -303,6 +301,10 @@ impl MeshConfig {
         )
     }
 }
+
+/// A service a listener would install: (VIP, route, cluster references as
+/// (name, field path), the resource the references are in).
+type Candidate = (SocketAddr, TcpRoute, Vec<(String, String)>, String);
 
 fn list(v: &[SocketAddr]) -> String {
     v.iter()

@@ -49,13 +49,15 @@ pub struct Held {
     pub resource: Decoded,
 }
 
-/// A decoded resource of one of the four types.
+/// A decoded resource of one of the four types. Boxed: the prost structs
+/// are large (a `Cluster` is 3.4 KB, a `ClusterLoadAssignment` 160 B), and
+/// an unboxed enum would make every entry as large as the largest.
 #[derive(Debug, Clone)]
 pub enum Decoded {
-    Listener(Listener),
-    Cluster(Cluster),
-    Endpoints(ClusterLoadAssignment),
-    Route(RouteConfiguration),
+    Listener(Box<Listener>),
+    Cluster(Box<Cluster>),
+    Endpoints(Box<ClusterLoadAssignment>),
+    Route(Box<RouteConfiguration>),
 }
 
 /// One rejected resource: its name (or position when the name is not
@@ -103,25 +105,25 @@ pub fn decode(type_url: &str, any: &Any) -> Result<(String, Decoded, Vec<String>
         LISTENER_TYPE => {
             let l = Listener::decode(bytes).map_err(|e| reject("", format!("Listener: {e}")))?;
             let w = xds_adapter::check_listener(&l).map_err(|e| reject(&l.name, errs(e)))?;
-            Ok((l.name.clone(), Decoded::Listener(l), w))
+            Ok((l.name.clone(), Decoded::Listener(Box::new(l)), w))
         }
         CLUSTER_TYPE => {
             let c = Cluster::decode(bytes).map_err(|e| reject("", format!("Cluster: {e}")))?;
             let w = xds_adapter::check_cluster(&c).map_err(|e| reject(&c.name, errs(e)))?;
-            Ok((c.name.clone(), Decoded::Cluster(c), w))
+            Ok((c.name.clone(), Decoded::Cluster(Box::new(c)), w))
         }
         ENDPOINT_TYPE => {
             let c = ClusterLoadAssignment::decode(bytes)
                 .map_err(|e| reject("", format!("ClusterLoadAssignment: {e}")))?;
             let w = xds_adapter::check_load_assignment(&c)
                 .map_err(|e| reject(&c.cluster_name, errs(e)))?;
-            Ok((c.cluster_name.clone(), Decoded::Endpoints(c), w))
+            Ok((c.cluster_name.clone(), Decoded::Endpoints(Box::new(c)), w))
         }
         ROUTE_TYPE => {
             let r = RouteConfiguration::decode(bytes)
                 .map_err(|e| reject("", format!("RouteConfiguration: {e}")))?;
             let w = xds_adapter::check_route_config(&r).map_err(|e| reject(&r.name, errs(e)))?;
-            Ok((r.name.clone(), Decoded::Route(r), w))
+            Ok((r.name.clone(), Decoded::Route(Box::new(r)), w))
         }
         other => Err(reject("", format!("unsupported resource type {other}"))),
     }
@@ -334,7 +336,7 @@ impl Store {
             .into_iter()
             .flat_map(|m| m.values())
             .filter_map(|h| match &h.resource {
-                Decoded::Cluster(c) => Some(c),
+                Decoded::Cluster(c) => Some(c.as_ref()),
                 _ => None,
             })
             .filter(|c| {
