@@ -121,6 +121,7 @@ fn main() {
         .flat_map(|v| v.iter())
         .map(|a| a.value.len())
         .sum();
+    let rss_wire = status_kb("VmRSS:");
 
     let mut dp =
         Dataplane::load(&DataplaneOptions::default()).expect("loading the dataplane (run as root)");
@@ -139,10 +140,12 @@ fn main() {
         assert!(o.rejected.is_empty(), "{:?}", o.rejected.first());
     }
     let t_store = t0.elapsed();
+    let rss_store = status_kb("VmRSS:");
     let t1 = Instant::now();
     let mut inc = xds_adapter::Incremental::full(&store.resources()).expect("compile");
     let compiled = inc.compiled().clone();
     let t_compile = t1.elapsed();
+    let rss_compiled = status_kb("VmRSS:");
     assert!(
         compiled.excluded.is_empty(),
         "{:?}",
@@ -169,9 +172,12 @@ fn main() {
     );
     println!("total:                               {}", ms(total));
     println!(
-        "RSS: {} MiB at start, {} MiB with the dataplane loaded, {} MiB after the load (peak {} MiB)",
+        "RSS: {} MiB at start, {} MiB with the resources built as wire bytes, {} MiB with the dataplane loaded, {} MiB with the store filled, {} MiB after the compile, {} MiB after the load (peak {} MiB)",
         rss0 / 1024,
+        rss_wire / 1024,
         rss_loaded / 1024,
+        rss_store / 1024,
+        rss_compiled / 1024,
         rss / 1024,
         hwm / 1024
     );
