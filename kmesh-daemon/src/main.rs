@@ -48,11 +48,21 @@ struct RunArgs {
     #[arg(long, env = "KMESH_CONFIG", conflicts_with = "xds_address")]
     config: Option<PathBuf>,
 
-    /// Control plane (ADS) address: `http://host:port` for plaintext, e.g.
-    /// Istiod's `http://istiod.istio-system.svc:15010`. Istio's default
-    /// `istiod.istio-system.svc:15012` is TLS, which is not implemented yet.
+    /// Control plane (ADS) address. `http://host:port` is plaintext (Istiod's
+    /// :15010); `https://host:port`, or a bare `host:15012` (Istio's default
+    /// `istiod.istio-system.svc:15012`), is TLS verified with --xds-ca-cert.
     #[arg(long, env = "XDS_ADDRESS")]
     xds_address: Option<String>,
+
+    /// CA bundle (PEM) for a TLS control plane [default: Istio's root CA,
+    /// /var/run/secrets/istio/root-cert.pem].
+    #[arg(long, env = "KMESH_XDS_CA_CERT")]
+    xds_ca_cert: Option<PathBuf>,
+
+    /// Name the control plane's TLS certificate must carry [default: the
+    /// host of --xds-address].
+    #[arg(long, env = "KMESH_XDS_TLS_SERVER_NAME")]
+    xds_tls_server_name: Option<String>,
 
     /// Use delta ADS instead of state of the world.
     #[arg(long, env = "KMESH_XDS_DELTA")]
@@ -148,12 +158,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, None) => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
         (_, Some(addr)) => {
             // Refuse an unusable address before loading anything.
-            kmesh_daemon::xds::client::endpoint_uri(addr).map_err(anyhow::Error::msg)?;
+            let (_, tls) =
+                kmesh_daemon::xds::client::endpoint_uri(addr).map_err(anyhow::Error::msg)?;
+            let ca = args
+                .xds_ca_cert
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(kmesh_daemon::xds::client::ISTIO_ROOT_CA));
+            if tls && !ca.exists() {
+                bail!(
+                    "--xds-address {addr} is TLS but the CA bundle {} does not exist (hint: pass --xds-ca-cert, or use a plaintext http:// address)",
+                    ca.display()
+                );
+            }
             let mut opts = kmesh_daemon::xds::ClientOptions::new(
                 addr.clone(),
                 kmesh_daemon::xds::NodeIdentity::from_env(),
             );
             opts.delta = args.xds_delta;
+            opts.ca_cert = args.xds_ca_cert.clone();
+            opts.tls_server_name = args.xds_tls_server_name.clone();
             opts.token_path = args.xds_token.clone().or_else(|| {
                 let p = PathBuf::from("/var/run/secrets/tokens/istio-token");
                 p.exists().then_some(p)

@@ -385,3 +385,126 @@ async fn rds_routes_and_content_dependent_routes() {
     .unwrap();
     task.abort();
 }
+
+/// A CA and a server certificate for `istiod.istio-system.svc`, made with
+/// the openssl CLI (installed by `cargo xtask setup`).
+fn certificates(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (hint: cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=kmesh-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=istiod",
+    ]);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:istiod.istio-system.svc\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+    ]);
+    (
+        std::fs::read(dir.join("srv.pem")).unwrap(),
+        std::fs::read(dir.join("srv.key")).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn tls_with_root_ca_and_bearer_token() {
+    let dir = std::env::temp_dir().join(format!("kmesh-xds-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = certificates(&dir);
+    std::fs::write(dir.join("istio-token"), "header.payload.signature\n").unwrap();
+    let f = AdsFixture::start_tls(&cert, &key).await.unwrap();
+    serve_web(&f, &[sa("10.244.1.1:8080")]);
+
+    let rec = Recorder::default();
+    let status = Arc::new(Mutex::new(XdsStatus::default()));
+    let mut opts = ClientOptions::new(format!("https://{}", f.addr), node());
+    opts.ca_cert = Some(dir.join("ca.pem"));
+    opts.tls_server_name = Some("istiod.istio-system.svc".into());
+    opts.token_path = Some(dir.join("istio-token"));
+    let task = tokio::spawn(xds::run(opts.clone(), rec.clone(), status.clone()));
+    rec.wait("sync over TLS", |c| c.services.len() == 1).await;
+    let ev = f.events();
+    assert_eq!(
+        ev[0].authorization.as_deref(),
+        Some("Bearer header.payload.signature")
+    );
+    task.abort();
+
+    // A server certificate that does not chain to the CA is refused.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    certificates(&other);
+    let mut bad = opts;
+    bad.ca_cert = Some(other.join("ca.pem"));
+    let status = Arc::new(Mutex::new(XdsStatus::default()));
+    let n = f.events().len();
+    let task = tokio::spawn(xds::run(bad, Recorder::default(), status.clone()));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        f.events().len(),
+        n,
+        "no request may pass an untrusted server"
+    );
+    assert!(!status.lock().unwrap().connected);
+    assert!(status.lock().unwrap().last_error.is_some());
+    task.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -109,6 +109,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 fn debian_packages() -> anyhow::Result<()> {
     ensure_debian(&[("ip", "iproute2")])?;
+    // The xDS TLS test makes its certificates with the openssl CLI.
+    ensure_debian(&[("openssl", "openssl")])?;
     if let Err(e) = ensure_debian(&[("bpftool", "bpftool")]) {
         eprintln!("    warning: {e:#}; the demo will not list programs with bpftool");
     }

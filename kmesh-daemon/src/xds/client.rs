@@ -18,6 +18,9 @@
 //!   compiled and written with [`Sink::apply`]; if that fails (e.g. a kernel
 //!   map would overflow) the store goes back to what it was before the
 //!   response and the response is NACKed with the reason.
+//! - **Transport**: plaintext (`http://`, Istiod's :15010) or TLS
+//!   (`https://`, or a bare `host:15012`) verified against the Istio root
+//!   CA, with the projected `istio-token` as a bearer token.
 //! - **Reconnect**: any stream or connect error → exponential backoff
 //!   (0.5 s doubling to 30 s, each delay drawn uniformly from its upper half
 //!   so a fleet of daemons does not reconnect in step), reset after a
@@ -79,6 +82,13 @@ pub struct ClientOptions {
     /// A bearer token file sent as `authorization: Bearer …` (Istio's
     /// projected `istio-token`), read at every connect.
     pub token_path: Option<PathBuf>,
+    /// For TLS: the CA bundle (PEM) the server certificate must chain to
+    /// [default: Istio's root CA, [`ISTIO_ROOT_CA`]], read at every connect.
+    pub ca_cert: Option<PathBuf>,
+    /// For TLS: the name the server certificate must carry [default: the
+    /// address's host]. Istiod's certificate names
+    /// `istiod.istio-system.svc`.
+    pub tls_server_name: Option<String>,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -90,31 +100,36 @@ impl ClientOptions {
             node,
             delta: false,
             token_path: None,
+            ca_cert: None,
+            tls_server_name: None,
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
         }
     }
 }
 
-/// Turns a user-given address into a plaintext URI, or says why not.
-pub fn endpoint_uri(address: &str) -> Result<String, String> {
-    const TLS: &str = "TLS to the control plane (Istiod's :15012 with the Istio root CA and the istio-token) is not implemented in this version";
-    if let Some(rest) = address.strip_prefix("https://") {
-        return Err(format!(
-            "{address}: {TLS}; use plaintext, e.g. --xds-address http://{}",
-            rest.replace(":15012", ":15010")
-        ));
+/// Where Istio mounts its root CA (the `istio-ca-root-cert` ConfigMap).
+pub const ISTIO_ROOT_CA: &str = "/var/run/secrets/istio/root-cert.pem";
+
+/// Turns a user-given address into a URI and whether it is TLS:
+/// `http://…` is plaintext, `https://…` is TLS; a bare `host:port` is TLS
+/// on Istiod's port 15012 and plaintext otherwise.
+pub fn endpoint_uri(address: &str) -> Result<(String, bool), String> {
+    if address.starts_with("https://") {
+        return Ok((address.to_string(), true));
     }
     if address.starts_with("http://") {
-        return Ok(address.to_string());
+        return Ok((address.to_string(), false));
     }
-    if address.ends_with(":15012") {
+    if address.contains("://") {
         return Err(format!(
-            "{address}: port 15012 is Istiod's TLS port and {TLS}; use the plaintext port, e.g. --xds-address http://{}",
-            address.replace(":15012", ":15010")
+            "{address}: unknown scheme; use http://host:port (plaintext) or https://host:port (TLS)"
         ));
     }
-    Ok(format!("http://{address}"))
+    if address.ends_with(":15012") {
+        return Ok((format!("https://{address}"), true));
+    }
+    Ok((format!("http://{address}"), false))
 }
 
 /// Where accepted configs go: the daemon writes them to the kernel; tests
@@ -268,9 +283,27 @@ fn next_f64(s: &mut u64) -> f64 {
 async fn connect(
     opts: &ClientOptions,
 ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
-    let uri = endpoint_uri(&opts.address)?;
-    let ep = tonic::transport::Endpoint::from_shared(uri.clone())
-        .map_err(|e| format!("bad xDS address {uri:?}: {e}"))?
+    let (uri, tls) = endpoint_uri(&opts.address)?;
+    let mut ep = tonic::transport::Endpoint::from_shared(uri.clone())
+        .map_err(|e| format!("bad xDS address {uri:?}: {e}"))?;
+    if tls {
+        let ca = opts
+            .ca_cert
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(ISTIO_ROOT_CA));
+        let pem = std::fs::read(&ca).map_err(|e| {
+            format!("reading the CA bundle {}: {e} (hint: TLS needs the control plane's root CA: --xds-ca-cert, default Istio's {ISTIO_ROOT_CA})", ca.display())
+        })?;
+        let mut cfg = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        if let Some(name) = &opts.tls_server_name {
+            cfg = cfg.domain_name(name.clone());
+        }
+        ep = ep
+            .tls_config(cfg)
+            .map_err(|e| format!("TLS setup for {uri}: {e}"))?;
+    }
+    let ep = ep
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
@@ -762,20 +795,23 @@ mod tests {
 
     #[test]
     fn addresses() {
+        let u = |a: &str| endpoint_uri(a).unwrap();
         assert_eq!(
-            endpoint_uri("istiod.istio-system.svc:15010").unwrap(),
-            "http://istiod.istio-system.svc:15010"
+            u("istiod.istio-system.svc:15010"),
+            ("http://istiod.istio-system.svc:15010".into(), false)
         );
-        let e = endpoint_uri("istiod.istio-system.svc:15012").unwrap_err();
-        assert!(
-            e.contains("not implemented") && e.contains("http://istiod.istio-system.svc:15010"),
-            "{e}"
-        );
-        assert!(endpoint_uri("https://x:15012").is_err());
         assert_eq!(
-            endpoint_uri("http://127.0.0.1:1").unwrap(),
-            "http://127.0.0.1:1"
+            u("istiod.istio-system.svc:15012"),
+            ("https://istiod.istio-system.svc:15012".into(), true)
         );
+        assert_eq!(u("https://x:443"), ("https://x:443".into(), true));
+        assert_eq!(
+            u("http://127.0.0.1:1"),
+            ("http://127.0.0.1:1".into(), false)
+        );
+        assert!(endpoint_uri("grpc://x:1")
+            .unwrap_err()
+            .contains("unknown scheme"));
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Event {
     pub error: Option<String>,
     /// The node id, when the request carried the node.
     pub node_id: Option<String>,
+    /// The stream's `authorization` header.
+    pub authorization: Option<String>,
 }
 
 #[derive(Default)]
@@ -105,6 +107,26 @@ impl AdsFixture {
     /// Starts on `addr` with `snapshot`'s resources (a control plane
     /// restart: same address, same config, new streams).
     pub async fn start_on(addr: SocketAddr, snapshot: Snapshot) -> std::io::Result<AdsFixture> {
+        Self::start_inner(addr, snapshot, None).await
+    }
+
+    /// Starts on 127.0.0.1 serving TLS with this certificate chain and key
+    /// (PEM).
+    pub async fn start_tls(cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<AdsFixture> {
+        let id = tonic::transport::Identity::from_pem(cert_pem, key_pem);
+        Self::start_inner(
+            "127.0.0.1:0".parse().expect("addr"),
+            Snapshot::default(),
+            Some(id),
+        )
+        .await
+    }
+
+    async fn start_inner(
+        addr: SocketAddr,
+        snapshot: Snapshot,
+        tls: Option<tonic::transport::Identity>,
+    ) -> std::io::Result<AdsFixture> {
         // The port of a just-stopped fixture may take a moment to free.
         let mut tries = 0;
         let listener = loop {
@@ -133,11 +155,14 @@ impl AdsFixture {
         .max_decoding_message_size(512 << 20)
         .max_encoding_message_size(512 << 20);
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(id) = tls {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(id))
+                .map_err(std::io::Error::other)?;
+        }
         let server = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming)
-                .await;
+            let _ = builder.add_service(svc).serve_with_incoming(incoming).await;
         });
         Ok(AdsFixture {
             addr,
@@ -360,6 +385,13 @@ fn delta_response(
     })
 }
 
+fn authorization<T>(r: &tonic::Request<T>) -> Option<String> {
+    r.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 type SotwStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
 type DeltaStream = ReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
 
@@ -372,6 +404,7 @@ impl AggregatedDiscoveryService for Service {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<SotwStream>, tonic::Status> {
+        let auth = authorization(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let shared = self.shared.clone();
@@ -403,6 +436,7 @@ impl AggregatedDiscoveryService for Service {
                             initial_versions: BTreeMap::new(),
                             error: req.error_detail.as_ref().map(|e| e.message.clone()),
                             node_id: req.node.as_ref().map(|n| n.id.clone()),
+                            authorization: auth.clone(),
                         });
                         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
                         let first = !subs.contains_key(&req.type_url);
@@ -443,6 +477,7 @@ impl AggregatedDiscoveryService for Service {
         &self,
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<DeltaStream>, tonic::Status> {
+        let auth = authorization(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let shared = self.shared.clone();
@@ -473,6 +508,7 @@ impl AggregatedDiscoveryService for Service {
                             initial_versions: req.initial_resource_versions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                             error: req.error_detail.as_ref().map(|e| e.message.clone()),
                             node_id: req.node.as_ref().map(|n| n.id.clone()),
+                            authorization: auth.clone(),
                         });
                         if kind != Kind::Request {
                             continue;
