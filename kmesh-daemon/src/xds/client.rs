@@ -338,7 +338,7 @@ fn commit(
     status: &SharedStatus,
     inc: &mut Option<Incremental>,
 ) -> Result<(), String> {
-    let full = match Incremental::full(&store.resources()) {
+    let full = match Incremental::full(&store.resources().refs()) {
         Ok(c) => c,
         Err(e) => {
             store.types.extend(backup);
@@ -348,7 +348,7 @@ fn commit(
     if let Err(e) = sink.apply(full.compiled(), store) {
         store.types.extend(backup);
         // The kernel still holds what the previous compile produced.
-        *inc = Incremental::full(&store.resources()).ok();
+        *inc = Incremental::full(&store.resources().refs()).ok();
         return Err(format!("writing the config to the kernel failed: {e}"));
     }
     let compiled = full.compiled().clone_summary();
@@ -441,7 +441,7 @@ fn accept(
                 }
                 Err(e) => {
                     store.types.extend(backup);
-                    *inc = Incremental::full(&store.resources()).ok();
+                    *inc = Incremental::full(&store.resources().refs()).ok();
                     let e = format!("writing the config to the kernel failed: {e}");
                     tracing::error!("xDS NACK: {e}");
                     return Some(e);
@@ -464,14 +464,12 @@ fn incremental(
     inc: &mut Option<Incremental>,
 ) -> Option<Vec<std::net::SocketAddr>> {
     let i = inc.as_mut()?;
-    let held = store.of(ENDPOINT_TYPE)?;
     let mut vips = Vec::new();
     for n in names {
-        let super::store::Decoded::Endpoints(cla) = &held.get(n)?.resource else {
-            return None;
-        };
+        let cla = store.load_assignment(n)?;
         let clusters = store.clusters_for_eds(n);
-        match i.update_endpoints(&clusters, cla) {
+        let clusters: Vec<_> = clusters.iter().collect();
+        match i.update_endpoints(&clusters, &cla) {
             Some(v) => vips.extend(v),
             None => {
                 *inc = None;

@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use xds_adapter::ResourceRefs;
+use xds_adapter::Resources;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -42,16 +42,31 @@ pub fn short(type_url: &str) -> &'static str {
     }
 }
 
-/// One held resource.
+/// One held resource: its wire bytes (checked when it arrived), not the
+/// decoded message. Decoded prost structs are large (a `Cluster` is 3.4 KB
+/// of mostly empty optional fields; 10,000 services took ~130 MiB decoded
+/// against 4.4 MB encoded), so they are decoded only for a compile and
+/// dropped after it. `refs` keeps what subscriptions need.
 #[derive(Debug, Clone)]
 pub struct Held {
     pub version: String,
-    pub resource: Decoded,
+    pub bytes: Vec<u8>,
+    pub refs: Refs,
 }
 
-/// A decoded resource of one of the four types. Boxed: the prost structs
-/// are large (a `Cluster` is 3.4 KB, a `ClusterLoadAssignment` 160 B), and
-/// an unboxed enum would make every entry as large as the largest.
+/// What a held resource references, kept so that subscriptions do not
+/// need a decode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Refs {
+    #[default]
+    None,
+    /// An EDS cluster: the ClusterLoadAssignment name it takes.
+    Eds(String),
+    /// A listener: the route configurations it takes by RDS.
+    Rds(Vec<String>),
+}
+
+/// A decoded resource of one of the four types.
 #[derive(Debug, Clone)]
 pub enum Decoded {
     Listener(Box<Listener>),
@@ -190,7 +205,8 @@ impl Store {
                         name,
                         Held {
                             version: version.to_string(),
-                            resource,
+                            bytes: any.value.clone(),
+                            refs: refs_of(&resource),
                         },
                     );
                 }
@@ -221,9 +237,7 @@ impl Store {
             out.removed = gone;
         }
         for (name, h) in fresh {
-            let same = held
-                .get(&name)
-                .is_some_and(|old| same_resource(&old.resource, &h.resource));
+            let same = held.get(&name).is_some_and(|old| old.bytes == h.bytes);
             if !same {
                 out.changed = true;
                 out.upserted.push(name.clone());
@@ -259,9 +273,7 @@ impl Store {
             match decode(type_url, any) {
                 Ok((decoded_name, resource, warnings)) if &decoded_name == name => {
                     out.warnings.extend(warnings);
-                    let same = held
-                        .get(name)
-                        .is_some_and(|old| same_resource(&old.resource, &resource));
+                    let same = held.get(name).is_some_and(|old| old.bytes == any.value);
                     out.changed |= !same;
                     if !same {
                         out.upserted.push(name.clone());
@@ -270,7 +282,8 @@ impl Store {
                         name.clone(),
                         Held {
                             version: version.clone(),
-                            resource,
+                            bytes: any.value.clone(),
+                            refs: refs_of(&resource),
                         },
                     );
                 }
@@ -311,85 +324,63 @@ impl Store {
 
     /// The ClusterLoadAssignment names the held EDS clusters need.
     pub fn eds_names(&self) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        for h in self.of(CLUSTER_TYPE).into_iter().flat_map(|m| m.values()) {
-            if let Decoded::Cluster(c) = &h.resource {
-                let eds = matches!(c.cluster_discovery_type,
-                    Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32);
-                if eds {
-                    let svc = c
-                        .eds_cluster_config
-                        .as_ref()
-                        .map(|e| e.service_name.clone())
-                        .filter(|s| !s.is_empty())
-                        .unwrap_or_else(|| c.name.clone());
-                    out.insert(svc);
-                }
-            }
-        }
-        out
-    }
-
-    /// The held EDS clusters whose endpoints come from assignment `eds_name`.
-    pub fn clusters_for_eds(&self, eds_name: &str) -> Vec<&Cluster> {
         self.of(CLUSTER_TYPE)
             .into_iter()
             .flat_map(|m| m.values())
-            .filter_map(|h| match &h.resource {
-                Decoded::Cluster(c) => Some(c.as_ref()),
+            .filter_map(|h| match &h.refs {
+                Refs::Eds(n) => Some(n.clone()),
                 _ => None,
-            })
-            .filter(|c| {
-                let eds = matches!(c.cluster_discovery_type,
-                    Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32);
-                let svc = c
-                    .eds_cluster_config
-                    .as_ref()
-                    .map(|e| e.service_name.as_str())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or(c.name.as_str());
-                eds && svc == eds_name
             })
             .collect()
     }
 
-    /// The route configuration names the held listeners use through RDS.
-    pub fn rds_names(&self) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        for h in self.of(LISTENER_TYPE).into_iter().flat_map(|m| m.values()) {
-            if let Decoded::Listener(l) = &h.resource {
-                for chain in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
-                    for f in &chain.filters {
-                        if let Some(filter::ConfigType::TypedConfig(a)) = &f.config_type {
-                            if a.type_url == xds_adapter::HCM_TYPE_URL {
-                                if let Ok(h) = HttpConnectionManager::decode(a.value.as_slice()) {
-                                    if let Some(RouteSpecifier::Rds(r)) = h.route_specifier {
-                                        out.insert(r.route_config_name);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
+    /// The held EDS clusters whose endpoints come from assignment
+    /// `eds_name`, decoded. Cost: a scan of the held clusters' references
+    /// and a decode of the matching ones.
+    pub fn clusters_for_eds(&self, eds_name: &str) -> Vec<Cluster> {
+        self.of(CLUSTER_TYPE)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(|h| matches!(&h.refs, Refs::Eds(n) if n == eds_name))
+            .filter_map(|h| Cluster::decode(h.bytes.as_slice()).ok())
+            .collect()
     }
 
-    /// Everything held, by reference, as the adapter takes it (no copy).
-    pub fn resources(&self) -> ResourceRefs<'_> {
-        let mut r = ResourceRefs::default();
-        for m in self.types.values() {
-            for h in m.values() {
-                match &h.resource {
-                    Decoded::Listener(l) => r.listeners.push(l),
-                    Decoded::Cluster(c) => r.clusters.push(c),
-                    Decoded::Endpoints(e) => r.load_assignments.push(e),
-                    Decoded::Route(rc) => r.route_configs.push(rc),
-                }
-            }
+    /// One held ClusterLoadAssignment, decoded.
+    pub fn load_assignment(&self, name: &str) -> Option<ClusterLoadAssignment> {
+        let h = self.of(ENDPOINT_TYPE)?.get(name)?;
+        ClusterLoadAssignment::decode(h.bytes.as_slice()).ok()
+    }
+
+    /// The route configuration names the held listeners use through RDS.
+    pub fn rds_names(&self) -> BTreeSet<String> {
+        self.of(LISTENER_TYPE)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .flat_map(|h| match &h.refs {
+                Refs::Rds(n) => n.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Everything held, decoded, as the adapter takes it. The bytes were
+    /// checked when they arrived; a decode cannot fail here (one that did
+    /// would be left out). Cost: a decode of every held resource.
+    pub fn resources(&self) -> Resources {
+        fn all<M: Message + Default>(s: &Store, t: &str) -> Vec<M> {
+            s.of(t)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .filter_map(|h| M::decode(h.bytes.as_slice()).ok())
+                .collect()
         }
-        r
+        Resources {
+            listeners: all(self, LISTENER_TYPE),
+            clusters: all(self, CLUSTER_TYPE),
+            load_assignments: all(self, ENDPOINT_TYPE),
+            route_configs: all(self, ROUTE_TYPE),
+        }
     }
 
     /// (type, name, version) of everything held, for the admin dump.
@@ -408,12 +399,43 @@ impl Store {
     }
 }
 
-fn same_resource(a: &Decoded, b: &Decoded) -> bool {
-    match (a, b) {
-        (Decoded::Listener(x), Decoded::Listener(y)) => x == y,
-        (Decoded::Cluster(x), Decoded::Cluster(y)) => x == y,
-        (Decoded::Endpoints(x), Decoded::Endpoints(y)) => x == y,
-        (Decoded::Route(x), Decoded::Route(y)) => x == y,
-        _ => false,
+fn refs_of(d: &Decoded) -> Refs {
+    match d {
+        Decoded::Cluster(c) => {
+            let eds = matches!(c.cluster_discovery_type,
+                Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32);
+            if !eds {
+                return Refs::None;
+            }
+            Refs::Eds(
+                c.eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| c.name.clone()),
+            )
+        }
+        Decoded::Listener(l) => {
+            let mut out = Vec::new();
+            for chain in l.filter_chains.iter().chain(l.default_filter_chain.iter()) {
+                for f in &chain.filters {
+                    if let Some(filter::ConfigType::TypedConfig(a)) = &f.config_type {
+                        if a.type_url == xds_adapter::HCM_TYPE_URL {
+                            if let Ok(h) = HttpConnectionManager::decode(a.value.as_slice()) {
+                                if let Some(RouteSpecifier::Rds(r)) = h.route_specifier {
+                                    out.push(r.route_config_name);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if out.is_empty() {
+                Refs::None
+            } else {
+                Refs::Rds(out)
+            }
+        }
+        _ => Refs::None,
     }
 }
