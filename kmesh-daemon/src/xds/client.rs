@@ -333,7 +333,7 @@ fn with_token<T>(opts: &ClientOptions, body: T) -> Result<tonic::Request<T>, Str
 /// `backup` into the store. Returns the error for the NACK.
 fn commit(
     store: &mut Store,
-    backup: BTreeMap<&'static str, BTreeMap<String, super::store::Held>>,
+    backup: Vec<Backup>,
     sink: &mut impl Sink,
     status: &SharedStatus,
     inc: &mut Option<Incremental>,
@@ -341,12 +341,12 @@ fn commit(
     let full = match Incremental::full(&store.resources().refs()) {
         Ok(c) => c,
         Err(e) => {
-            store.types.extend(backup);
+            restore(store, backup);
             return Err(format!("the config does not fit the kernel: {e}"));
         }
     };
     if let Err(e) = sink.apply(full.compiled(), store) {
-        store.types.extend(backup);
+        restore(store, backup);
         // The kernel still holds what the previous compile produced.
         *inc = Incremental::full(&store.resources().refs()).ok();
         return Err(format!("writing the config to the kernel failed: {e}"));
@@ -381,29 +381,75 @@ fn nack_message(type_url: &str, rejected: &[Rejected]) -> String {
     m
 }
 
-/// Handles one response's resources: store, compile, apply. Returns the
-/// NACK message if any.
-fn accept(
-    type_url: &str,
+/// What to put back if a response cannot be applied.
+enum Backup {
+    /// A whole type.
+    Whole(&'static str, BTreeMap<String, super::store::Held>),
+    /// One resource (absent before: `None`).
+    Entry(&'static str, String, Option<super::store::Held>),
+}
+
+/// Copies what a response of `type_url` can change: the named resources
+/// (`touched`, a delta response's names) or the whole type; plus the
+/// EDS/RDS maps when the response can garbage-collect them (CDS/LDS).
+/// Cost: O(what the response touches), so an endpoint update does not copy
+/// the other 10,000 assignments.
+fn take_backup(store: &Store, type_url: &'static str, touched: Option<&[String]>) -> Vec<Backup> {
+    let mut out = Vec::new();
+    let whole = |t: &'static str| Backup::Whole(t, store.of(t).cloned().unwrap_or_default());
+    match touched {
+        None => out.push(whole(type_url)),
+        Some(names) => {
+            for n in names {
+                let old = store.of(type_url).and_then(|m| m.get(n)).cloned();
+                out.push(Backup::Entry(type_url, n.clone(), old));
+            }
+        }
+    }
+    if matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE) {
+        for t in [ENDPOINT_TYPE, ROUTE_TYPE] {
+            out.push(whole(t));
+        }
+    }
+    out
+}
+
+fn restore(store: &mut Store, backup: Vec<Backup>) {
+    for b in backup {
+        match b {
+            Backup::Whole(t, m) => {
+                store.types.insert(t, m);
+            }
+            Backup::Entry(t, n, Some(h)) => {
+                store.types.entry(t).or_default().insert(n, h);
+            }
+            Backup::Entry(t, n, None) => {
+                if let Some(m) = store.types.get_mut(t) {
+                    m.remove(&n);
+                }
+            }
+        }
+    }
+}
+
+/// Handles one response's resources: store, compile (incrementally for
+/// endpoint changes), apply. Returns the NACK message if any. `touched`:
+/// the resource names a delta response carries (upserts and removals);
+/// `None` for a state-of-the-world response (the whole type may change).
+/// Public for the benchmark, which drives the same path without gRPC.
+pub fn accept(
+    type_url: &'static str,
     store: &mut Store,
     sink: &mut impl Sink,
     status: &SharedStatus,
     inc: &mut Option<Incremental>,
+    touched: Option<&[String]>,
     update: impl FnOnce(&mut Store) -> Outcome,
 ) -> Option<String> {
-    // Only the response's type and the garbage-collected types change; a
-    // copy of those is the rollback (cost: a copy of those maps).
-    for t in super::store::TYPES {
-        store.types.entry(t).or_default();
-    }
-    let backup: BTreeMap<&'static str, BTreeMap<String, super::store::Held>> = store
-        .types
-        .iter()
-        .filter(|(k, _)| **k == type_url || **k == ENDPOINT_TYPE || **k == ROUTE_TYPE)
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
+    let backup = take_backup(store, type_url, touched);
     let outcome = update(store);
-    let collected = store.collect_garbage();
+    // Only clusters and listeners can drop references to EDS/RDS names.
+    let collected = matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE) && store.collect_garbage();
     for w in outcome.warnings.iter().take(20) {
         tracing::debug!("xDS {}: {w}", short(type_url));
     }
@@ -429,8 +475,9 @@ fn accept(
                 Ok(()) => {
                     let mut s = lock(status);
                     s.applies += 1;
-                    for (name, h) in store.of(ENDPOINT_TYPE).into_iter().flatten() {
-                        if outcome.upserted.contains(name) {
+                    let held = store.of(ENDPOINT_TYPE);
+                    for name in &outcome.upserted {
+                        if let Some(h) = held.and_then(|m| m.get(name)) {
                             s.resources
                                 .entry(short(ENDPOINT_TYPE))
                                 .or_default()
@@ -440,7 +487,7 @@ fn accept(
                     return nack;
                 }
                 Err(e) => {
-                    store.types.extend(backup);
+                    restore(store, backup);
                     *inc = Incremental::full(&store.resources().refs()).ok();
                     let e = format!("writing the config to the kernel failed: {e}");
                     tracing::error!("xDS NACK: {e}");
@@ -578,7 +625,7 @@ async fn run_sotw(
             tracing::warn!(type_url = %resp.type_url, "xDS: response of a type never asked for; ignored");
             continue;
         };
-        let nack = accept(t, store, sink, status, inc, |s| {
+        let nack = accept(t, store, sink, status, inc, None, |s| {
             s.apply_sotw(t, &resp.version_info, &resp.resources)
         });
         {
@@ -721,7 +768,12 @@ async fn run_delta(
             .collect();
         let mut removed = resp.removed_resources.clone();
         removed.extend(resp.removed_resource_names.iter().map(|n| n.name.clone()));
-        let nack = accept(t, store, sink, status, inc, |s| {
+        let touched: Vec<String> = items
+            .iter()
+            .map(|i| i.0.clone())
+            .chain(removed.iter().cloned())
+            .collect();
+        let nack = accept(t, store, sink, status, inc, Some(&touched), |s| {
             s.apply_delta(t, &items, &removed)
         });
         let st = types.entry(t).or_default();
