@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `/version` | daemon and ABI version |
 //! | `/debug/ready` | 200 once config is written and programs attached, else 503 |
-//! | `/debug/config_dump/kernel-native` | the config the daemon holds |
+//! | `/debug/config_dump/kernel-native` | the config the daemon holds (with `xds`: resources and versions held, NACKs) |
 //! | `/debug/config_dump/bpf/kernel-native` | the same read back from the kernel maps |
 //! | `/accesslog`, `/monitoring`, `/authz`, `/debug/loggers` | see [`crate::telemetry::admin`] |
 //! | `/debug/config_dump/dual-engine` | dual-engine: workloads, services, policies as validated |
@@ -34,6 +34,9 @@ pub struct AdminState {
     pub logging: OnceLock<crate::logging::LogControl>,
     /// Dual-engine mode only: the local config and the authorization maps.
     pub dual_engine: Mutex<Option<crate::authz::DualEngineState>>,
+    /// The xDS client's status (resources held with versions, NACKs), when
+    /// the config comes from a control plane.
+    pub xds: Mutex<Option<crate::xds::SharedStatus>>,
 }
 
 impl AdminState {
@@ -45,6 +48,7 @@ impl AdminState {
             telemetry: OnceLock::new(),
             logging: OnceLock::new(),
             dual_engine: Mutex::new(None),
+            xds: Mutex::new(None),
         })
     }
 }
@@ -95,8 +99,21 @@ async fn ready(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
 }
 
 async fn config_dump(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
-    let cfg = s.config.lock().unwrap_or_else(|p| p.into_inner());
-    Json(serde_json::to_value(&*cfg).unwrap_or_default())
+    let mut v = {
+        let cfg = s.config.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_value(&*cfg).unwrap_or_default()
+    };
+    // With xDS: the resources held (names and versions), NACKs and what is
+    // held but not installed, next to the `services` the kernel should hold.
+    let xds = s.xds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let Some(xds) = xds {
+        let status = xds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !v.is_object() {
+            v = serde_json::json!({ "services": {}, "warnings": [] });
+        }
+        v["xds"] = serde_json::to_value(status).unwrap_or_default();
+    }
+    Json(v)
 }
 
 async fn bpf_dump(State(s): State<Arc<AdminState>>) -> axum::response::Response {

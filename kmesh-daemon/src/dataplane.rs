@@ -506,6 +506,35 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Rewrites only the services at `vips` (taken from `cfg`), leaving all
+    /// others untouched: the incremental path for endpoint changes. A VIP
+    /// not in `cfg` is ignored. On error the kernel keeps the previous
+    /// records of those services.
+    pub fn apply_services(
+        &mut self,
+        cfg: &FlatConfig,
+        vips: &[SocketAddr],
+    ) -> Result<ApplySummary, DataplaneError> {
+        let some: BTreeMap<SockAddr, DesiredService> = vips
+            .iter()
+            .filter_map(|v| cfg.services.get(v))
+            .map(|s| {
+                (
+                    xds_adapter::addr::to_abi(s.vip),
+                    DesiredService {
+                        lb_policy: s.lb_policy,
+                        slots: s
+                            .slots
+                            .iter()
+                            .map(|a| xds_adapter::addr::to_abi(*a))
+                            .collect(),
+                    },
+                )
+            })
+            .collect();
+        Ok(self.table.apply_subset(&mut self.maps, &some)?)
+    }
+
     /// Puts a network namespace (by cookie) under management.
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), DataplaneError> {
         self.manage

@@ -8,6 +8,7 @@
 //! - [`admin`]: the admin HTTP API on 127.0.0.1:15200;
 //! - [`telemetry`]: connection events → access log and Istio metrics on :15020;
 //! - [`logging`]: tracing output with levels adjustable at runtime.
+//! - [`xds`]: the ADS client (and a test control plane).
 
 pub mod admin;
 pub mod authz;
@@ -18,6 +19,7 @@ pub mod netns;
 pub mod sys;
 pub mod telemetry;
 pub mod writer;
+pub mod xds;
 
 /// The daemon's version, as `/version` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

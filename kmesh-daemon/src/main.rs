@@ -57,8 +57,33 @@ struct RunArgs {
     /// (`static_resources`) or an Envoy config_dump, YAML or JSON.
     /// dual-engine: istio/ztunnel's local config (`workloads`, `services`,
     /// `policies`).
-    #[arg(long, env = "KMESH_CONFIG")]
+    #[arg(long, env = "KMESH_CONFIG", conflicts_with = "xds_address")]
     config: Option<PathBuf>,
+
+    /// Control plane (ADS) address. `http://host:port` is plaintext (Istiod's
+    /// :15010); `https://host:port`, or a bare `host:15012` (Istio's default
+    /// `istiod.istio-system.svc:15012`), is TLS verified with --xds-ca-cert.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+
+    /// CA bundle (PEM) for a TLS control plane [default: Istio's root CA,
+    /// /var/run/secrets/istio/root-cert.pem].
+    #[arg(long, env = "KMESH_XDS_CA_CERT")]
+    xds_ca_cert: Option<PathBuf>,
+
+    /// Name the control plane's TLS certificate must carry [default: the
+    /// host of --xds-address].
+    #[arg(long, env = "KMESH_XDS_TLS_SERVER_NAME")]
+    xds_tls_server_name: Option<String>,
+
+    /// Use delta ADS instead of state of the world.
+    #[arg(long, env = "KMESH_XDS_DELTA")]
+    xds_delta: bool,
+
+    /// Bearer token file sent to the control plane [default: Istio's
+    /// projected token /var/run/secrets/tokens/istio-token, when present].
+    #[arg(long, env = "KMESH_XDS_TOKEN")]
+    xds_token: Option<PathBuf>,
 
     /// Network namespace to enroll (e.g. /var/run/netns/NAME, or
     /// /proc/1/ns/net for the host); repeatable.
@@ -167,15 +192,24 @@ fn main() -> ExitCode {
 }
 
 /// Writes the Kubernetes-derived enrolled set into the running dataplane.
-struct DataplaneSink(std::sync::Arc<AdminState>);
+struct EnrollmentSink(std::sync::Arc<AdminState>);
 
-impl kubernetes::EnrollSink for DataplaneSink {
+impl kubernetes::EnrollSink for EnrollmentSink {
     fn set_enrolled(&mut self, cookies: &BTreeSet<u64>) -> Result<(), String> {
         let mut dp = self.0.dataplane.lock().unwrap_or_else(|p| p.into_inner());
         match dp.as_mut() {
             Some(dp) => dp.set_enrolled(cookies).map_err(|e| e.to_string()),
             None => Err("dataplane not loaded".into()),
         }
+    }
+}
+
+/// Stops the xDS client before the dataplane is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -212,25 +246,65 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<()> {
-    let Some(config_path) = &args.config else {
-        bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources); the xDS client is not implemented in this version");
-    };
-    let text = std::fs::read_to_string(config_path)
-        .with_context(|| format!("reading --config {}", config_path.display()))?;
-    let mut dual = None;
-    let flat = if args.mode == Mode::DualEngine {
-        let de = xds_adapter::workload::compile_local_config(&text)
-            .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?;
-        let flat = de.flat.clone();
-        dual = Some(de);
-        flat
-    } else {
-        xds_adapter::compile_static_config(&text)
-            .map_err(|e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display()))?
-    };
-    for w in &flat.warnings {
-        tracing::warn!("config: {w}");
+    if args.mode == Mode::DualEngine && args.config.is_none() {
+        bail!("--mode dual-engine needs --config <file> (a ztunnel-style local config); xDS for the workload API is not implemented in this version");
     }
+    let xds = match (&args.config, &args.xds_address) {
+        (None, None) => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
+        (_, Some(addr)) => {
+            // Refuse an unusable address before loading anything.
+            let (_, tls) =
+                kmesh_daemon::xds::client::endpoint_uri(addr).map_err(anyhow::Error::msg)?;
+            let ca = args
+                .xds_ca_cert
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(kmesh_daemon::xds::client::ISTIO_ROOT_CA));
+            if tls && !ca.exists() {
+                bail!(
+                    "--xds-address {addr} is TLS but the CA bundle {} does not exist (hint: pass --xds-ca-cert, or use a plaintext http:// address)",
+                    ca.display()
+                );
+            }
+            let mut opts = kmesh_daemon::xds::ClientOptions::new(
+                addr.clone(),
+                kmesh_daemon::xds::NodeIdentity::from_env(),
+            );
+            opts.delta = args.xds_delta;
+            opts.ca_cert = args.xds_ca_cert.clone();
+            opts.tls_server_name = args.xds_tls_server_name.clone();
+            opts.token_path = args.xds_token.clone().or_else(|| {
+                let p = PathBuf::from("/var/run/secrets/tokens/istio-token");
+                p.exists().then_some(p)
+            });
+            Some(opts)
+        }
+        (Some(_), None) => None,
+    };
+    let mut dual = None;
+    let flat = match &args.config {
+        Some(config_path) => {
+            let text = std::fs::read_to_string(config_path)
+                .with_context(|| format!("reading --config {}", config_path.display()))?;
+            let rejected = |e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display());
+            let flat = if args.mode == Mode::DualEngine {
+                let de = xds_adapter::workload::compile_local_config(&text).map_err(rejected)?;
+                let flat = de.flat.clone();
+                dual = Some(de);
+                flat
+            } else {
+                xds_adapter::compile_static_config(&text).map_err(rejected)?
+            };
+            for w in &flat.warnings {
+                tracing::warn!("config: {w}");
+            }
+            flat
+        }
+        // The control plane fills the maps; until then connects are left alone.
+        None => xds_adapter::FlatConfig {
+            services: Default::default(),
+            warnings: vec![],
+        },
+    };
 
     sys::check_kernel()?;
     let cgroup = match &args.cgroup2_path {
@@ -292,7 +366,10 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         unchanged = summary.unchanged,
         slots_written = summary.slots_written,
         "config {} written to the kernel",
-        config_path.display()
+        args.config
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(none yet: waiting for the control plane)".into())
     );
     let static_cookies: BTreeSet<u64> = cookies.iter().map(|(_, c)| *c).collect();
     if args.kubernetes {
@@ -333,8 +410,25 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     tracing::info!(cgroup = %cgroup.display(), programs = ?dp.program_ids(), "programs attached");
     *state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(flat);
     *state.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(dp);
-    state.ready.store(true, Ordering::Release);
-    tracing::info!("ready");
+    let _xds_task = match xds {
+        Some(opts) => {
+            let status = kmesh_daemon::xds::SharedStatus::default();
+            *state.xds.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+            tracing::info!(address = %opts.address, delta = opts.delta, "subscribing to the control plane; ready after its first config");
+            Some(AbortOnDrop(tokio::spawn(kmesh_daemon::xds::run(
+                opts,
+                kmesh_daemon::xds::DataplaneSink {
+                    state: state.clone(),
+                },
+                status,
+            ))))
+        }
+        None => {
+            state.ready.store(true, Ordering::Release);
+            tracing::info!("ready");
+            None
+        }
+    };
     if args.kubernetes {
         let node = args.node_name.clone().context(
             "--kubernetes needs the node name: set NODE_NAME (from spec.nodeName) or --node-name",
@@ -342,7 +436,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         let client = kube::Client::try_default()
             .await
             .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
-        let sink = DataplaneSink(state.clone());
+        let sink = EnrollmentSink(state.clone());
         let resolver = HostResolver::new(args.host_proc.clone());
         tracing::info!(node, "enrolling pods from Kubernetes");
         tokio::spawn(async move {
@@ -367,6 +461,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         }
     }
     state.ready.store(false, Ordering::Release);
+    drop(_xds_task);
     let dp = state
         .dataplane
         .lock()

@@ -144,6 +144,27 @@ impl ServiceTable {
         maps: &mut M,
         desired: &BTreeMap<SockAddr, DesiredService>,
     ) -> Result<ApplySummary, ApplyError> {
+        self.apply_impl(maps, desired, true)
+    }
+
+    /// Makes the kernel hold `some` for the services listed, leaving every
+    /// other service as it is (same protocol and guarantees as
+    /// [`ServiceTable::apply`]). Cost: O(listed services' slots), not
+    /// O(all services): the path for an endpoint change.
+    pub fn apply_subset<M: ServiceMaps>(
+        &mut self,
+        maps: &mut M,
+        some: &BTreeMap<SockAddr, DesiredService>,
+    ) -> Result<ApplySummary, ApplyError> {
+        self.apply_impl(maps, some, false)
+    }
+
+    fn apply_impl<M: ServiceMaps>(
+        &mut self,
+        maps: &mut M,
+        desired: &BTreeMap<SockAddr, DesiredService>,
+        complete: bool,
+    ) -> Result<ApplySummary, ApplyError> {
         let mut summary = ApplySummary::default();
         let mut todo: Vec<(SockAddr, &DesiredService)> = Vec::new();
         for (vip, want) in desired {
@@ -163,12 +184,15 @@ impl ServiceTable {
                 }
             }
         }
-        let removed: Vec<SockAddr> = self
-            .installed
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .copied()
-            .collect();
+        let removed: Vec<SockAddr> = if complete {
+            self.installed
+                .keys()
+                .filter(|k| !desired.contains_key(k))
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
         summary.removed = removed.len();
 
         // Capacity at the peak: old slots and ids stay until the switch.
@@ -434,6 +458,29 @@ mod tests {
             t.apply(&mut maps, &second).unwrap();
             assert_eq!(maps.resolve(&vip1).unwrap(), vec![c, a, b]);
         }
+    }
+
+    #[test]
+    fn subset_touches_only_listed_services() {
+        let (vip1, vip2) = (addr(1, 80), addr(2, 80));
+        let (a, b) = (addr(10, 8080), addr(11, 8080));
+        let mut maps = FakeMaps::default();
+        let mut t = ServiceTable::new();
+        t.apply(
+            &mut maps,
+            &desired(&[(vip1, LB_ROUND_ROBIN, &[a]), (vip2, LB_ROUND_ROBIN, &[b])]),
+        )
+        .unwrap();
+        let writes = maps.writes;
+        let s = t
+            .apply_subset(&mut maps, &desired(&[(vip1, LB_ROUND_ROBIN, &[a, b])]))
+            .unwrap();
+        assert_eq!((s.changed, s.removed, s.unchanged), (1, 0, 0));
+        // 2 slots + 1 service entry; vip2 untouched and still routed.
+        assert_eq!(maps.writes - writes, 3);
+        assert_eq!(maps.resolve(&vip1).unwrap(), vec![a, b]);
+        assert_eq!(maps.resolve(&vip2).unwrap(), vec![b]);
+        assert_eq!(maps.slots.len(), 3, "old slots of vip1 retired");
     }
 
     #[test]

@@ -59,6 +59,24 @@ pub struct FlatEndpoint {
 /// Flattens the mesh into kernel records. Deterministic: the same mesh
 /// always gives the same `FlatConfig`.
 pub fn flatten(mesh: &MeshConfig) -> Result<FlatConfig, ConfigErrors> {
+    let (flat, errors) = flatten_impl(mesh)?;
+    if errors.is_empty() {
+        Ok(flat)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Like [`flatten`], but a service with a problem (e.g. too many endpoints)
+/// is left out and listed instead of failing everything. Whole-config limits
+/// (the service and slot maps' capacity) still fail the call.
+pub fn flatten_lenient(
+    mesh: &MeshConfig,
+) -> Result<(FlatConfig, Vec<crate::ConfigError>), ConfigErrors> {
+    flatten_impl(mesh)
+}
+
+fn flatten_impl(mesh: &MeshConfig) -> Result<(FlatConfig, Vec<crate::ConfigError>), ConfigErrors> {
     let mut d = Diag {
         errors: Vec::new(),
         warnings: mesh.warnings.clone(),
@@ -102,21 +120,22 @@ pub fn flatten(mesh: &MeshConfig) -> Result<FlatConfig, ConfigErrors> {
             ),
             "use fewer endpoints or weights with a larger common divisor",
         );
-    }
-    if !d.errors.is_empty() {
         return Err(ConfigErrors(d.errors));
     }
-    Ok(FlatConfig {
-        services,
-        warnings: d.warnings,
-    })
+    Ok((
+        FlatConfig {
+            services,
+            warnings: d.warnings,
+        },
+        d.errors,
+    ))
 }
 
 /// The endpoints of one cluster of a route: (cluster, cluster weight,
 /// [(address, endpoint weight × locality weight)]).
 type Group<'a> = (&'a str, u32, Vec<(SocketAddr, u128)>);
 
-fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<FlatService> {
+pub(crate) fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<FlatService> {
     let res = listener_label(&l.name);
     let before = d.errors.len();
     let mut groups: Vec<Group<'_>> = Vec::new();

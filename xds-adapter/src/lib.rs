@@ -28,19 +28,29 @@ pub mod addr;
 mod decode;
 mod error;
 mod flatten;
+mod http;
 mod mesh;
 pub mod model;
 mod parse;
 mod schema;
 pub mod workload;
+mod xds;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use flatten::{flatten, FlatConfig, FlatEndpoint, FlatService};
+pub use flatten::{flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatService};
 pub use mesh::MeshConfig;
+pub use xds::{
+    check_cluster, check_listener, check_load_assignment, check_route_config, compile_lenient,
+    Compiled, Incremental,
+};
+
+/// The type URL of the HTTP connection manager network filter's `typed_config`.
+pub const HCM_TYPE_URL: &str = schema::HCM_TYPE_URL;
 
 /// The type URL of the TCP proxy network filter's `typed_config`.
 pub const TCP_PROXY_TYPE_URL: &str = schema::TCP_PROXY_TYPE_URL;
@@ -58,6 +68,30 @@ pub struct Resources {
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
     pub load_assignments: Vec<ClusterLoadAssignment>,
+    /// Route configurations referenced by HTTP listeners' `rds`.
+    pub route_configs: Vec<RouteConfiguration>,
+}
+
+/// [`Resources`] by reference: what a holder of resources (the xDS client's
+/// store) hands to [`compile_lenient`] without copying them.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceRefs<'a> {
+    pub listeners: Vec<&'a Listener>,
+    pub clusters: Vec<&'a Cluster>,
+    pub load_assignments: Vec<&'a ClusterLoadAssignment>,
+    pub route_configs: Vec<&'a RouteConfiguration>,
+}
+
+impl Resources {
+    /// The same resources by reference.
+    pub fn refs(&self) -> ResourceRefs<'_> {
+        ResourceRefs {
+            listeners: self.listeners.iter().collect(),
+            clusters: self.clusters.iter().collect(),
+            load_assignments: self.load_assignments.iter().collect(),
+            route_configs: self.route_configs.iter().collect(),
+        }
+    }
 }
 
 /// Parses a static config document (YAML or JSON; JSON is detected, YAML is

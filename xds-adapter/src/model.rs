@@ -13,11 +13,13 @@ use envoy_types::pb::envoy::config::cluster::v3 as pb_cluster;
 use envoy_types::pb::envoy::config::core::v3 as pb_core;
 use envoy_types::pb::envoy::config::endpoint::v3 as pb_endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as pb_listener;
+use envoy_types::pb::envoy::config::route::v3 as pb_route;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as pb_hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as pb_tcp;
 use prost::Message;
 
 use crate::error::{index, join, ConfigErrors, Diag};
-use crate::schema::{self, MsgSchema, TCP_PROXY_TYPE_URL};
+use crate::schema::{self, MsgSchema, HCM_TYPE_URL, TCP_PROXY_TYPE_URL};
 
 /// A listener: connections to `address` are sent to `route`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -97,7 +99,21 @@ impl TryFrom<&pb_listener::Listener> for Listener {
         let mut d = Diag::default();
         let conv = convert_listener(l, &mut d);
         match conv {
-            Some(c) if d.errors.is_empty() => Ok(c.listener),
+            Some(ConvertedListener {
+                name,
+                address,
+                kind: ListenerKind::Tcp((route, _)),
+            }) if d.errors.is_empty() => Ok(Listener {
+                name,
+                address,
+                route,
+            }),
+            Some(_) if d.errors.is_empty() => Err(ConfigErrors(vec![crate::ConfigError::new(
+                listener_label(&l.name),
+                "filter_chains",
+                "an HTTP listener's services come from its route configuration",
+            )
+            .with_hint("use MeshConfig::from_resources, which resolves the routes")])),
             _ => Err(ConfigErrors(d.errors)),
         }
     }
@@ -111,7 +127,7 @@ impl TryFrom<&pb_cluster::Cluster> for Cluster {
     /// [`crate::MeshConfig::from_resources`] looks up.
     fn try_from(c: &pb_cluster::Cluster) -> Result<Self, ConfigErrors> {
         let mut d = Diag::default();
-        let conv = convert_cluster(c, &BTreeMap::new(), &mut d);
+        let conv = convert_cluster(c, &BTreeMap::new(), false, &mut d);
         match conv {
             Some(c) if d.errors.is_empty() => Ok(c),
             _ => Err(ConfigErrors(d.errors)),
@@ -151,7 +167,7 @@ const IGNORED: &str = "not supported by the kmesh dataplane; ignored";
 /// Warns about every field of `m` that is set although the adapter does not
 /// use it: `clear` resets the fields that are used (or reported otherwise),
 /// whatever is left is named from the field table.
-fn warn_ignored<M: Message + Clone>(
+pub(crate) fn warn_ignored<M: Message + Clone>(
     m: &M,
     schema: &MsgSchema,
     clear: impl FnOnce(&mut M),
@@ -202,6 +218,9 @@ fn field_numbers(mut buf: &[u8]) -> Vec<u32> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
     Listener,
+    /// A listener with an HTTP connection manager: the wildcard address is
+    /// allowed (the VIPs then come from the virtual hosts' domains).
+    HttpListener,
     Endpoint,
     DnsEndpoint,
 }
@@ -269,7 +288,7 @@ fn socket_addr(
     let port = match &sa.port_specifier {
         Some(PortSpecifier::PortValue(p)) => match u16::try_from(*p) {
             Ok(0) => {
-                let what = if role == Role::Listener {
+                let what = if matches!(role, Role::Listener | Role::HttpListener) {
                     "a service"
                 } else {
                     "an endpoint"
@@ -311,10 +330,10 @@ fn socket_addr(
         None
     } else {
         match sa.address.parse::<IpAddr>() {
-            Ok(ip) if ip.is_unspecified() => {
+            Ok(ip) if ip.is_unspecified() && role != Role::HttpListener => {
                 let msg = match role {
-                    Role::Listener => format!(
-                        "{} is the wildcard address; a listener must capture one service VIP",
+                    Role::Listener | Role::HttpListener => format!(
+                        "{} is the wildcard address; a tcp_proxy listener must capture one service VIP",
                         sa.address
                     ),
                     _ => format!("{} is the unspecified address, not a backend", sa.address),
@@ -354,9 +373,28 @@ fn socket_addr(
 /// A converted listener plus where it references clusters (for the
 /// "cluster is not defined" check).
 pub(crate) struct ConvertedListener {
-    pub listener: Listener,
-    /// (cluster name, field path of the reference)
-    pub refs: Vec<(String, String)>,
+    pub name: String,
+    /// For an HTTP listener this may be the wildcard address (port = the
+    /// service port; the VIPs come from the virtual hosts' domains).
+    pub address: SocketAddr,
+    pub kind: ListenerKind,
+}
+
+/// What a listener's filter chain does.
+pub(crate) enum ListenerKind {
+    /// `tcp_proxy`: the route, and (cluster name, field path) references.
+    Tcp(Route),
+    /// HTTP connection manager: the route configuration that decides.
+    Http(HttpRoutes),
+}
+
+/// Where an HTTP connection manager's routes come from.
+#[derive(Debug, Clone)]
+pub(crate) enum HttpRoutes {
+    /// `route_config` (field path of it in the listener).
+    Inline(Box<pb_route::RouteConfiguration>, String),
+    /// `rds.route_config_name`.
+    Rds(String),
 }
 
 pub(crate) fn convert_listener(
@@ -406,13 +444,6 @@ pub(crate) fn convert_listener(
         &res,
         "",
     );
-    let address = match &l.address {
-        Some(a) => socket_addr(a, Role::Listener, d, &res, "address"),
-        None => {
-            d.error(&res, "address", "listener has no address");
-            None
-        }
-    };
 
     let mut chains: Vec<(String, &pb_listener::FilterChain)> = l
         .filter_chains
@@ -423,21 +454,31 @@ pub(crate) fn convert_listener(
     if let Some(c) = &l.default_filter_chain {
         chains.push(("default_filter_chain".into(), c));
     }
-    let mut route = None;
-    let mut refs = Vec::new();
+    let is_http = chains.len() == 1
+        && chains[0].1.filters.iter().any(|f| {
+            matches!(&f.config_type, Some(pb_listener::filter::ConfigType::TypedConfig(a)) if a.type_url == HCM_TYPE_URL)
+        });
+    let role = if is_http {
+        Role::HttpListener
+    } else {
+        Role::Listener
+    };
+    let address = match &l.address {
+        Some(a) => socket_addr(a, role, d, &res, "address"),
+        None => {
+            d.error(&res, "address", "listener has no address");
+            None
+        }
+    };
+    let mut kind = None;
     match chains.as_slice() {
         [] => d.error_hint(
             &res,
             "filter_chains",
             "listener has no filter chains",
-            "add a filter chain with an envoy.filters.network.tcp_proxy filter",
+            "add a filter chain with an envoy.filters.network.tcp_proxy or http_connection_manager filter",
         ),
-        [(path, chain)] => {
-            if let Some((r, rr)) = convert_chain(chain, d, &res, path) {
-                route = Some(r);
-                refs = rr;
-            }
-        }
+        [(path, chain)] => kind = convert_chain(chain, d, &res, path),
         more => d.error_hint(
             &res,
             "filter_chains",
@@ -449,23 +490,20 @@ pub(crate) fn convert_listener(
         return None;
     }
     Some(ConvertedListener {
-        listener: Listener {
-            name: l.name.clone(),
-            address: address?,
-            route: route?,
-        },
-        refs,
+        name: l.name.clone(),
+        address: address?,
+        kind: kind?,
     })
 }
 
-type Route = (TcpRoute, Vec<(String, String)>);
+pub(crate) type Route = (TcpRoute, Vec<(String, String)>);
 
 fn convert_chain(
     chain: &pb_listener::FilterChain,
     d: &mut Diag,
     res: &str,
     path: &str,
-) -> Option<Route> {
+) -> Option<ListenerKind> {
     use pb_listener::filter::ConfigType;
     warn_ignored(
         chain,
@@ -504,23 +542,27 @@ fn convert_chain(
                     continue;
                 }
                 match pb_tcp::TcpProxy::decode(any.value.as_slice()) {
-                    Ok(tp) => route = Some(convert_tcp_proxy(&tp, d, res, &tpath)),
+                    Ok(tp) => route = Some(convert_tcp_proxy(&tp, d, res, &tpath).map(ListenerKind::Tcp)),
                     Err(e) => d.error(res, &tpath, format!("TcpProxy does not decode: {e}")),
                 }
             }
+            Some(ConfigType::TypedConfig(any)) if any.type_url == HCM_TYPE_URL => {
+                let tpath = join(&fpath, "typed_config");
+                if route.is_some() {
+                    d.error(res, &fpath, format!("second routing filter {name:?}; a filter chain has one"));
+                    continue;
+                }
+                match pb_hcm::HttpConnectionManager::decode(any.value.as_slice()) {
+                    Ok(h) => route = Some(crate::http::convert_hcm(&h, d, res, &tpath).map(ListenerKind::Http)),
+                    Err(e) => d.error(res, &tpath, format!("HttpConnectionManager does not decode: {e}")),
+                }
+            }
             Some(ConfigType::TypedConfig(any)) => {
-                let message = if any.type_url.ends_with(".HttpConnectionManager") {
-                    format!(
-                        "network filter {name:?} is an HTTP connection manager, which is not supported yet"
-                    )
-                } else {
-                    format!("network filter {name:?} ({}) is not supported", any.type_url)
-                };
                 d.error_hint(
                     res,
                     &fpath,
-                    message,
-                    "only envoy.filters.network.tcp_proxy (type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy) can route a listener",
+                    format!("network filter {name:?} ({}) is not supported", any.type_url),
+                    "only envoy.filters.network.tcp_proxy and envoy.filters.network.http_connection_manager can route a listener",
                 );
             }
             Some(ConfigType::ConfigDiscovery(_)) => d.error(
@@ -626,9 +668,13 @@ fn convert_tcp_proxy(tp: &pb_tcp::TcpProxy, d: &mut Diag, res: &str, path: &str)
     route
 }
 
+/// With `standalone`, an EDS cluster is checked on its own: its endpoints
+/// (from a separate ClusterLoadAssignment) are not looked up and come out
+/// empty.
 pub(crate) fn convert_cluster(
     c: &pb_cluster::Cluster,
     load_assignments: &BTreeMap<&str, &pb_endpoint::ClusterLoadAssignment>,
+    standalone: bool,
     d: &mut Diag,
 ) -> Option<Cluster> {
     use pb_cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as PbLb};
@@ -761,6 +807,7 @@ pub(crate) fn convert_cluster(
                 );
             }
             match load_assignments.get(service) {
+                None if standalone => endpoints = Some(Vec::new()),
                 Some(cla) => {
                     let eps = endpoints_of(cla, false, d, &cla_label(service), "");
                     if d.errors.len() == before && !has_usable(&eps) {
@@ -817,7 +864,7 @@ pub(crate) fn convert_cluster(
     })
 }
 
-struct Endpoints {
+pub(crate) struct Endpoints {
     endpoints: Vec<Endpoint>,
     /// Endpoints listed in the assignment, including excluded ones.
     listed: usize,
@@ -839,7 +886,7 @@ fn why_empty(e: &Endpoints) -> String {
     }
 }
 
-fn endpoints_of(
+pub(crate) fn endpoints_of(
     cla: &pb_endpoint::ClusterLoadAssignment,
     dns: bool,
     d: &mut Diag,

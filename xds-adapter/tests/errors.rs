@@ -241,16 +241,61 @@ fn hostnames_are_not_resolved() {
 }
 
 #[test]
-fn http_connection_manager_is_not_supported() {
+fn http_connection_manager_routes_and_reports() {
+    let hcm = |listen_ip: &str, routes: &str| {
+        base()
+            .replace("\"10.96.0.10\"", &format!("\"{listen_ip}\""))
+            .replace(
+                "      - name: envoy.filters.network.tcp_proxy\n        typed_config: {\"@type\": \"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\", stat_prefix: web, cluster: web}\n",
+                &format!("      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: ingress_http\n          route_config:\n            name: r80\n            virtual_hosts:\n{routes}"),
+            )
+    };
+    // Empty virtual host list on a specific VIP: nothing matches, a warning.
+    let w = warnings(&hcm("10.96.0.10", "              []\n"));
+    assert_has(
+        &w,
+        "listener \"web\": no virtual host of listener \"web\" matches 10.96.0.10:80 (by IP domain or \"*\"); not installed",
+    );
+    // Istio-style wildcard listener, VIP in the domains, catch-all route.
+    let vh = "            - name: web\n              domains: [\"web.default.svc.cluster.local:80\", \"10.96.0.10\", \"10.96.0.10:80\"]\n              routes:\n";
+    let flat = compile_static_config(&hcm(
+        "0.0.0.0",
+        &format!("{vh}              - match: {{prefix: \"/\"}}\n                route: {{cluster: web, timeout: 0s}}\n"),
+    ))
+    .unwrap();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    assert_eq!(flat.services[&vip].slots.len(), 2);
+    assert_has(
+        &flat.warnings,
+        "listener \"web\": field filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[*].routes[*].route.timeout: not supported by the kmesh dataplane; ignored",
+    );
+    // A content-dependent route to another cluster: not installed, reported.
+    let text = hcm(
+        "0.0.0.0",
+        &format!("{vh}              - match: {{prefix: \"/api\"}}\n                route: {{cluster: other}}\n              - match: {{prefix: \"/\"}}\n                route: {{cluster: web}}\n"),
+    );
+    let w = warnings(&text);
+    assert!(
+        w.iter().any(|m| m.starts_with("listener \"web\": listener \"web\" virtual host \"web\": not installed, connects to 10.96.0.10:80 are left alone: route 0 [prefix \"/api\"] depends on the request and sends to cluster \"other\" while the catch-all route 1 sends to cluster \"web\"")),
+        "{w:?}"
+    );
+    assert!(compile_static_config(&text).unwrap().services.is_empty());
+    // A header match to the same cluster is harmless.
+    let flat = compile_static_config(&hcm(
+        "0.0.0.0",
+        &format!("{vh}              - match: {{prefix: \"/\", headers: [{{name: x-user, string_match: {{exact: a}}}}]}}\n                route: {{cluster: web}}\n              - match: {{prefix: \"/\"}}\n                route: {{cluster: web}}\n"),
+    ))
+    .unwrap();
+    assert_eq!(flat.services.len(), 1);
+    // Neither rds nor route_config is an error naming the field.
     let text = base().replace(
         "      - name: envoy.filters.network.tcp_proxy\n        typed_config: {\"@type\": \"type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\", stat_prefix: web, cluster: web}\n",
-        "      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: ingress_http\n          route_config: {virtual_hosts: []}\n",
+        "      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: ingress_http\n",
     );
     let e = errors(&text);
-    assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].starts_with(
-        "listener \"web\": field filter_chains[0].filters[0]: network filter \"envoy.filters.network.http_connection_manager\" is an HTTP connection manager, which is not supported yet (hint: only envoy.filters.network.tcp_proxy"
-    ), "{}", e[0]);
+        "listener \"web\": field filter_chains[0].filters[0].typed_config: http_connection_manager has neither rds nor route_config"
+    ), "{e:?}");
 
     let text = base().replace(
         TCP_PROXY,

@@ -85,7 +85,17 @@ fn base_document() -> Value {
                  "filter_chains": [filter(json!({"cluster": "web"}))]},
                 {"name": "split", "address": {"socket_address": {"address": "fd00::10", "port_value": 9080}},
                  "filter_chains": [filter(json!({"weighted_clusters": {"clusters": [
-                     {"name": "web", "weight": 1}, {"name": "db", "weight": 3}]}}))]}
+                     {"name": "web", "weight": 1}, {"name": "db", "weight": 3}]}}))]},
+                {"name": "http", "address": {"socket_address": {"address": "0.0.0.0", "port_value": 8000}},
+                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                   "typed_config": {"@type": HCM, "stat_prefix": "h", "route_config": {"name": "r8000",
+                     "virtual_hosts": [
+                       {"name": "a", "domains": ["a.default.svc.cluster.local", "10.96.0.20", "10.96.0.20:8000"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "web", "timeout": "0s"}}]},
+                       {"name": "b", "domains": ["[fd00::20]:8000"],
+                        "routes": [{"match": {"prefix": "/api"}, "route": {"cluster": "db"}},
+                                   {"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+                                       {"name": "web", "weight": 1}, {"name": "db", "weight": 1}]}}}]}]}}}]}]}
             ],
             "clusters": [
                 {"name": "web", "type": "STATIC", "connect_timeout": "0.25s", "lb_policy": "ROUND_ROBIN",
@@ -101,7 +111,19 @@ fn base_document() -> Value {
     })
 }
 
+const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
 const KEYS: &[&str] = &[
+    "route_config",
+    "virtual_hosts",
+    "domains",
+    "routes",
+    "match",
+    "prefix",
+    "path",
+    "route",
+    "headers",
+    "rds",
     "name",
     "cluster",
     "weight",
@@ -269,7 +291,16 @@ fn damage_text(text: &str, rng: &mut Rng) -> String {
 fn base_document_compiles() {
     let flat = compile_static_config(&base_document().to_string()).unwrap();
     check_invariants(&flat);
-    assert_eq!(flat.services.len(), 2);
+    // web, split, and the HTTP virtual host "a" (10.96.0.20:8000); "b"
+    // depends on the request path and is left out with a warning.
+    assert_eq!(flat.services.len(), 3, "{flat:?}");
+    assert!(
+        flat.warnings
+            .iter()
+            .any(|w| w.contains("virtual host \"b\": not installed")),
+        "{:?}",
+        flat.warnings
+    );
 }
 
 #[test]
@@ -290,6 +321,27 @@ fn mutated_documents_never_panic() {
         if let Ok(flat) = compile_static_config(&text) {
             check_invariants(&flat);
             compiled += 1;
+        }
+        // The xDS path (lenient, incremental) on the same resources.
+        if let Ok(res) = xds_adapter::parse_static_config(&text) {
+            if let Ok(c) = xds_adapter::compile_lenient(&res.refs()) {
+                check_invariants(&c.flat);
+            }
+            if let Ok(mut inc) = xds_adapter::Incremental::full(&res.refs()) {
+                for cla in res
+                    .clusters
+                    .iter()
+                    .filter_map(|c| c.load_assignment.as_ref())
+                {
+                    let users: Vec<_> = res
+                        .clusters
+                        .iter()
+                        .filter(|c| c.name == cla.cluster_name)
+                        .collect();
+                    let _ = inc.update_endpoints(&users, cla);
+                }
+                check_invariants(&inc.compiled().flat);
+            }
         }
     }
     // Some mutations are harmless; make sure the loop exercises both paths.

@@ -87,10 +87,10 @@ fn try_from_listener() {
         e.0[0].to_string(),
         "listener \"web\": field address.socket_address.port_value: 70000 is out of range (0-65535)"
     );
-    assert_eq!(e.0[1].field, "filter_chains[0].filters[0]");
+    assert_eq!(e.0[1].field, "filter_chains[0].filters[0].typed_config");
     assert!(e.0[1]
         .message
-        .contains("HTTP connection manager, which is not supported yet"));
+        .contains("http_connection_manager has neither rds nor route_config"));
 }
 
 #[test]
@@ -122,6 +122,7 @@ fn eds_from_resources() {
         listeners: vec![tcp_listener("ratings", "fd00::6", 9080, "ratings")],
         clusters: vec![c],
         load_assignments: vec![cla],
+        ..Default::default()
     };
     let mesh = MeshConfig::from_resources(&r).unwrap();
     assert_eq!(
@@ -151,6 +152,7 @@ fn cross_resource_checks() {
             },
             ClusterLoadAssignment::default(),
         ],
+        ..Default::default()
     };
     let e = MeshConfig::from_resources(&r).unwrap_err();
     let lines: Vec<String> = e.iter().map(ToString::to_string).collect();
@@ -188,6 +190,7 @@ fn unused_resources_are_warned() {
             cluster_name: "orphan".into(),
             ..Default::default()
         }],
+        ..Default::default()
     };
     let mesh = MeshConfig::from_resources(&r).unwrap();
     assert_eq!(
@@ -198,4 +201,82 @@ fn unused_resources_are_warned() {
         ]
     );
     assert!(flatten(&mesh).unwrap().services.is_empty());
+}
+
+#[test]
+fn lenient_compile_leaves_out_what_cannot_be_installed_and_incremental_matches_full() {
+    let mut r = Resources {
+        listeners: vec![
+            tcp_listener("a", "10.0.0.1", 80, "a"),
+            tcp_listener("b", "10.0.0.2", 80, "b"),
+            tcp_listener("c", "10.0.0.3", 80, "missing"),
+        ],
+        clusters: vec![eds_cluster("a"), eds_cluster("b")],
+        load_assignments: vec![ClusterLoadAssignment {
+            cluster_name: "a".into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![lb_endpoint("10.244.0.1", 80, None)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // "b" waits for its endpoints (EDS warming), "c" routes to nothing.
+    let c = xds_adapter::compile_lenient(&r.refs()).unwrap();
+    assert_eq!(c.flat.services.len(), 1);
+    let why: Vec<String> = c.excluded.iter().map(ToString::to_string).collect();
+    assert!(
+        why.iter()
+            .any(|m| m
+                .starts_with("cluster \"b\": field eds_cluster_config: cluster has no endpoints")),
+        "{why:?}"
+    );
+    assert!(
+        why.iter()
+            .any(|m| m.contains("listener \"b\"") && m.contains("not usable")),
+        "{why:?}"
+    );
+    assert!(
+        why.iter()
+            .any(|m| m.contains("cluster \"missing\" is not defined")),
+        "{why:?}"
+    );
+
+    // An endpoint added to "a": the incremental update equals a full compile.
+    let mut inc = xds_adapter::Incremental::full(&r.refs()).unwrap();
+    r.load_assignments[0].endpoints[0]
+        .lb_endpoints
+        .push(lb_endpoint("10.244.0.2", 80, Some(3)));
+    let cluster_a = r.clusters[0].clone();
+    let vips = inc
+        .update_endpoints(&[&cluster_a], &r.load_assignments[0])
+        .unwrap();
+    assert_eq!(vips, vec!["10.0.0.1:80".parse().unwrap()]);
+    let full = xds_adapter::compile_lenient(&r.refs()).unwrap();
+    assert_eq!(inc.compiled().flat.services, full.flat.services);
+    // A cluster that was not installed needs a full compile.
+    let cluster_b = r.clusters[1].clone();
+    assert!(inc
+        .update_endpoints(&[&cluster_b], &r.load_assignments[0])
+        .is_none());
+}
+
+#[test]
+fn per_resource_checks_name_the_resource() {
+    let mut l = tcp_listener("web", "10.0.0.1", 80, "web");
+    l.filter_chains.clear();
+    let e = xds_adapter::check_listener(&l).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "listener \"web\": field filter_chains: listener has no filter chains (hint: add a filter chain with an envoy.filters.network.tcp_proxy or http_connection_manager filter)"
+    );
+    // An EDS cluster is fine on its own; its endpoints come later.
+    assert!(xds_adapter::check_cluster(&eds_cluster("web")).is_ok());
+    // An assignment with no endpoints is valid (no ready pods).
+    assert!(xds_adapter::check_load_assignment(&ClusterLoadAssignment {
+        cluster_name: "web".into(),
+        ..Default::default()
+    })
+    .is_ok());
 }

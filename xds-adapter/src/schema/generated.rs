@@ -316,14 +316,267 @@ pub static M_ENVOY_CONFIG_ENDPOINT_V3_ENDPOINT: MsgSchema = MsgSchema {
     ],
 };
 
+pub static M_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTPCONNECTIONMANAGER: MsgSchema = MsgSchema {
+    rust: "envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager",
+    fields: &[
+        FieldSchema { name: "codec_type", json: "codecType", tag: 1, card: Card::Single, ty: Ty::Enum(E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_CODECTYPE) },
+        FieldSchema { name: "stat_prefix", json: "statPrefix", tag: 2, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "rds", json: "rds", tag: 3, card: Card::Oneof("route_specifier"), ty: Ty::Message(&M_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_RDS) },
+        FieldSchema { name: "route_config", json: "routeConfig", tag: 4, card: Card::Oneof("route_specifier"), ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_ROUTECONFIGURATION) },
+        FieldSchema { name: "http_filters", json: "httpFilters", tag: 5, card: Card::Repeated, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter") },
+        FieldSchema { name: "add_user_agent", json: "addUserAgent", tag: 6, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "tracing", json: "tracing", tag: 7, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing") },
+        FieldSchema { name: "http_protocol_options", json: "httpProtocolOptions", tag: 8, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Http1ProtocolOptions") },
+        FieldSchema { name: "http2_protocol_options", json: "http2ProtocolOptions", tag: 9, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Http2ProtocolOptions") },
+        FieldSchema { name: "server_name", json: "serverName", tag: 10, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "drain_timeout", json: "drainTimeout", tag: 12, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "access_log", json: "accessLog", tag: 13, card: Card::Repeated, ty: Ty::Opaque("envoy::config::accesslog::v3::AccessLog") },
+        FieldSchema { name: "use_remote_address", json: "useRemoteAddress", tag: 14, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "generate_request_id", json: "generateRequestId", tag: 15, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "forward_client_cert_details", json: "forwardClientCertDetails", tag: 16, card: Card::Single, ty: Ty::Enum(E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_FORWARDCLIENTCERTDETAILS) },
+        FieldSchema { name: "set_current_client_cert_details", json: "setCurrentClientCertDetails", tag: 17, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::SetCurrentClientCertDetails") },
+        FieldSchema { name: "proxy_100_continue", json: "proxy100Continue", tag: 18, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "xff_num_trusted_hops", json: "xffNumTrustedHops", tag: 19, card: Card::Single, ty: Ty::U32 },
+        FieldSchema { name: "represent_ipv4_remote_address_as_ipv4_mapped_ipv6", json: "representIpv4RemoteAddressAsIpv4MappedIpv6", tag: 20, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "skip_xff_append", json: "skipXffAppend", tag: 21, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "via", json: "via", tag: 22, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "upgrade_configs", json: "upgradeConfigs", tag: 23, card: Card::Repeated, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::UpgradeConfig") },
+        FieldSchema { name: "stream_idle_timeout", json: "streamIdleTimeout", tag: 24, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "internal_address_config", json: "internalAddressConfig", tag: 25, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::InternalAddressConfig") },
+        FieldSchema { name: "delayed_close_timeout", json: "delayedCloseTimeout", tag: 26, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "request_timeout", json: "requestTimeout", tag: 28, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "max_request_headers_kb", json: "maxRequestHeadersKb", tag: 29, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "normalize_path", json: "normalizePath", tag: 30, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "scoped_routes", json: "scopedRoutes", tag: 31, card: Card::Oneof("route_specifier"), ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::ScopedRoutes") },
+        FieldSchema { name: "preserve_external_request_id", json: "preserveExternalRequestId", tag: 32, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "merge_slashes", json: "mergeSlashes", tag: 33, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "server_header_transformation", json: "serverHeaderTransformation", tag: 34, card: Card::Single, ty: Ty::Enum(E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_SERVERHEADERTRANSFORMATION) },
+        FieldSchema { name: "common_http_protocol_options", json: "commonHttpProtocolOptions", tag: 35, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::HttpProtocolOptions") },
+        FieldSchema { name: "request_id_extension", json: "requestIdExtension", tag: 36, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::RequestIdExtension") },
+        FieldSchema { name: "always_set_request_id_in_response", json: "alwaysSetRequestIdInResponse", tag: 37, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "local_reply_config", json: "localReplyConfig", tag: 38, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::LocalReplyConfig") },
+        FieldSchema { name: "strip_matching_host_port", json: "stripMatchingHostPort", tag: 39, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "stream_error_on_invalid_http_message", json: "streamErrorOnInvalidHttpMessage", tag: 40, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "request_headers_timeout", json: "requestHeadersTimeout", tag: 41, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "strip_any_host_port", json: "stripAnyHostPort", tag: 42, card: Card::Oneof("strip_port_mode"), ty: Ty::Bool },
+        FieldSchema { name: "path_normalization_options", json: "pathNormalizationOptions", tag: 43, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::PathNormalizationOptions") },
+        FieldSchema { name: "http3_protocol_options", json: "http3ProtocolOptions", tag: 44, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Http3ProtocolOptions") },
+        FieldSchema { name: "path_with_escaped_slashes_action", json: "pathWithEscapedSlashesAction", tag: 45, card: Card::Single, ty: Ty::Enum(E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_PATHWITHESCAPEDSLASHESACTION) },
+        FieldSchema { name: "original_ip_detection_extensions", json: "originalIpDetectionExtensions", tag: 46, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+        FieldSchema { name: "strip_trailing_host_dot", json: "stripTrailingHostDot", tag: 47, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "scheme_header_transformation", json: "schemeHeaderTransformation", tag: 48, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::SchemeHeaderTransformation") },
+        FieldSchema { name: "proxy_status_config", json: "proxyStatusConfig", tag: 49, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::ProxyStatusConfig") },
+        FieldSchema { name: "typed_header_validation_config", json: "typedHeaderValidationConfig", tag: 50, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+        FieldSchema { name: "append_x_forwarded_port", json: "appendXForwardedPort", tag: 51, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "early_header_mutation_extensions", json: "earlyHeaderMutationExtensions", tag: 52, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+        FieldSchema { name: "add_proxy_protocol_connection_state", json: "addProxyProtocolConnectionState", tag: 53, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "access_log_flush_interval", json: "accessLogFlushInterval", tag: 54, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "flush_access_log_on_new_request", json: "flushAccessLogOnNewRequest", tag: 55, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "access_log_options", json: "accessLogOptions", tag: 56, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::HcmAccessLogOptions") },
+        FieldSchema { name: "append_local_overload", json: "appendLocalOverload", tag: 57, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "http1_safe_max_connection_duration", json: "http1SafeMaxConnectionDuration", tag: 58, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "stream_flush_timeout", json: "streamFlushTimeout", tag: 59, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "forward_client_cert_matcher", json: "forwardClientCertMatcher", tag: 60, card: Card::Single, ty: Ty::Opaque("xds::type::matcher::v3::Matcher") },
+        FieldSchema { name: "forward_proto_config", json: "forwardProtoConfig", tag: 61, card: Card::Single, ty: Ty::Opaque("envoy::extensions::filters::network::http_connection_manager::v3::ForwardProtoConfig") },
+        FieldSchema { name: "drain_timeout_jitter", json: "drainTimeoutJitter", tag: 62, card: Card::Single, ty: Ty::Opaque("envoy::type::v3::Percent") },
+    ],
+};
+
+pub static M_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_RDS: MsgSchema = MsgSchema {
+    rust: "envoy::extensions::filters::network::http_connection_manager::v3::Rds",
+    fields: &[
+        FieldSchema { name: "config_source", json: "configSource", tag: 1, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::ConfigSource") },
+        FieldSchema { name: "route_config_name", json: "routeConfigName", tag: 2, card: Card::Single, ty: Ty::String },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_ROUTECONFIGURATION: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::RouteConfiguration",
+    fields: &[
+        FieldSchema { name: "name", json: "name", tag: 1, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "virtual_hosts", json: "virtualHosts", tag: 2, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_VIRTUALHOST) },
+        FieldSchema { name: "internal_only_headers", json: "internalOnlyHeaders", tag: 3, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "response_headers_to_add", json: "responseHeadersToAdd", tag: 4, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "response_headers_to_remove", json: "responseHeadersToRemove", tag: 5, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "request_headers_to_add", json: "requestHeadersToAdd", tag: 6, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "validate_clusters", json: "validateClusters", tag: 7, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "request_headers_to_remove", json: "requestHeadersToRemove", tag: 8, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "vhds", json: "vhds", tag: 9, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::Vhds") },
+        FieldSchema { name: "most_specific_header_mutations_wins", json: "mostSpecificHeaderMutationsWins", tag: 10, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "max_direct_response_body_size_bytes", json: "maxDirectResponseBodySizeBytes", tag: 11, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "cluster_specifier_plugins", json: "clusterSpecifierPlugins", tag: 12, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::ClusterSpecifierPlugin") },
+        FieldSchema { name: "request_mirror_policies", json: "requestMirrorPolicies", tag: 13, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::route_action::RequestMirrorPolicy") },
+        FieldSchema { name: "ignore_port_in_host_matching", json: "ignorePortInHostMatching", tag: 14, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "ignore_path_parameters_in_path_matching", json: "ignorePathParametersInPathMatching", tag: 15, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "typed_per_filter_config", json: "typedPerFilterConfig", tag: 16, card: Card::Single, ty: Ty::Map },
+        FieldSchema { name: "metadata", json: "metadata", tag: 17, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Metadata") },
+        FieldSchema { name: "vhost_header", json: "vhostHeader", tag: 18, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "route_specifiers", json: "routeSpecifiers", tag: 19, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_VIRTUALHOST: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::VirtualHost",
+    fields: &[
+        FieldSchema { name: "name", json: "name", tag: 1, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "domains", json: "domains", tag: 2, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "routes", json: "routes", tag: 3, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_ROUTE) },
+        FieldSchema { name: "require_tls", json: "requireTls", tag: 4, card: Card::Single, ty: Ty::Enum(E_ENVOY_CONFIG_ROUTE_V3_VIRTUAL_HOST_TLSREQUIREMENTTYPE) },
+        FieldSchema { name: "virtual_clusters", json: "virtualClusters", tag: 5, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::VirtualCluster") },
+        FieldSchema { name: "rate_limits", json: "rateLimits", tag: 6, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::RateLimit") },
+        FieldSchema { name: "request_headers_to_add", json: "requestHeadersToAdd", tag: 7, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "cors", json: "cors", tag: 8, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::CorsPolicy") },
+        FieldSchema { name: "response_headers_to_add", json: "responseHeadersToAdd", tag: 10, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "response_headers_to_remove", json: "responseHeadersToRemove", tag: 11, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "request_headers_to_remove", json: "requestHeadersToRemove", tag: 13, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "include_request_attempt_count", json: "includeRequestAttemptCount", tag: 14, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "typed_per_filter_config", json: "typedPerFilterConfig", tag: 15, card: Card::Single, ty: Ty::Map },
+        FieldSchema { name: "retry_policy", json: "retryPolicy", tag: 16, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::RetryPolicy") },
+        FieldSchema { name: "hedge_policy", json: "hedgePolicy", tag: 17, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::HedgePolicy") },
+        FieldSchema { name: "per_request_buffer_limit_bytes", json: "perRequestBufferLimitBytes", tag: 18, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "include_attempt_count_in_response", json: "includeAttemptCountInResponse", tag: 19, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "retry_policy_typed_config", json: "retryPolicyTypedConfig", tag: 20, card: Card::Single, ty: Ty::Any },
+        FieldSchema { name: "matcher", json: "matcher", tag: 21, card: Card::Single, ty: Ty::Opaque("xds::type::matcher::v3::Matcher") },
+        FieldSchema { name: "request_mirror_policies", json: "requestMirrorPolicies", tag: 22, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::route_action::RequestMirrorPolicy") },
+        FieldSchema { name: "include_is_timeout_retry_header", json: "includeIsTimeoutRetryHeader", tag: 23, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "metadata", json: "metadata", tag: 24, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Metadata") },
+        FieldSchema { name: "request_body_buffer_limit", json: "requestBodyBufferLimit", tag: 25, card: Card::Single, ty: Ty::U64Value },
+        FieldSchema { name: "route_specifiers", json: "routeSpecifiers", tag: 26, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_ROUTE: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::Route",
+    fields: &[
+        FieldSchema { name: "match", json: "match", tag: 1, card: Card::Single, ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_ROUTEMATCH) },
+        FieldSchema { name: "route", json: "route", tag: 2, card: Card::Oneof("action"), ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_ROUTEACTION) },
+        FieldSchema { name: "redirect", json: "redirect", tag: 3, card: Card::Oneof("action"), ty: Ty::Opaque("envoy::config::route::v3::RedirectAction") },
+        FieldSchema { name: "metadata", json: "metadata", tag: 4, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Metadata") },
+        FieldSchema { name: "decorator", json: "decorator", tag: 5, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::Decorator") },
+        FieldSchema { name: "direct_response", json: "directResponse", tag: 7, card: Card::Oneof("action"), ty: Ty::Opaque("envoy::config::route::v3::DirectResponseAction") },
+        FieldSchema { name: "request_headers_to_add", json: "requestHeadersToAdd", tag: 9, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "response_headers_to_add", json: "responseHeadersToAdd", tag: 10, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "response_headers_to_remove", json: "responseHeadersToRemove", tag: 11, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "request_headers_to_remove", json: "requestHeadersToRemove", tag: 12, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "typed_per_filter_config", json: "typedPerFilterConfig", tag: 13, card: Card::Single, ty: Ty::Map },
+        FieldSchema { name: "name", json: "name", tag: 14, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "tracing", json: "tracing", tag: 15, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::Tracing") },
+        FieldSchema { name: "per_request_buffer_limit_bytes", json: "perRequestBufferLimitBytes", tag: 16, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "filter_action", json: "filterAction", tag: 17, card: Card::Oneof("action"), ty: Ty::Opaque("envoy::config::route::v3::FilterAction") },
+        FieldSchema { name: "non_forwarding_action", json: "nonForwardingAction", tag: 18, card: Card::Oneof("action"), ty: Ty::Opaque("envoy::config::route::v3::NonForwardingAction") },
+        FieldSchema { name: "stat_prefix", json: "statPrefix", tag: 19, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "request_body_buffer_limit", json: "requestBodyBufferLimit", tag: 20, card: Card::Single, ty: Ty::U64Value },
+        FieldSchema { name: "route_specifiers", json: "routeSpecifiers", tag: 21, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_ROUTEMATCH: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::RouteMatch",
+    fields: &[
+        FieldSchema { name: "prefix", json: "prefix", tag: 1, card: Card::Oneof("path_specifier"), ty: Ty::String },
+        FieldSchema { name: "path", json: "path", tag: 2, card: Card::Oneof("path_specifier"), ty: Ty::String },
+        FieldSchema { name: "case_sensitive", json: "caseSensitive", tag: 4, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "headers", json: "headers", tag: 6, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::HeaderMatcher") },
+        FieldSchema { name: "query_parameters", json: "queryParameters", tag: 7, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::QueryParameterMatcher") },
+        FieldSchema { name: "grpc", json: "grpc", tag: 8, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::route_match::GrpcRouteMatchOptions") },
+        FieldSchema { name: "runtime_fraction", json: "runtimeFraction", tag: 9, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::RuntimeFractionalPercent") },
+        FieldSchema { name: "safe_regex", json: "safeRegex", tag: 10, card: Card::Oneof("path_specifier"), ty: Ty::Opaque("envoy::type::matcher::v3::RegexMatcher") },
+        FieldSchema { name: "tls_context", json: "tlsContext", tag: 11, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::route_match::TlsContextMatchOptions") },
+        FieldSchema { name: "connect_matcher", json: "connectMatcher", tag: 12, card: Card::Oneof("path_specifier"), ty: Ty::Opaque("envoy::config::route::v3::route_match::ConnectMatcher") },
+        FieldSchema { name: "dynamic_metadata", json: "dynamicMetadata", tag: 13, card: Card::Repeated, ty: Ty::Opaque("envoy::type::matcher::v3::MetadataMatcher") },
+        FieldSchema { name: "path_separated_prefix", json: "pathSeparatedPrefix", tag: 14, card: Card::Oneof("path_specifier"), ty: Ty::String },
+        FieldSchema { name: "path_match_policy", json: "pathMatchPolicy", tag: 15, card: Card::Oneof("path_specifier"), ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+        FieldSchema { name: "filter_state", json: "filterState", tag: 16, card: Card::Repeated, ty: Ty::Opaque("envoy::type::matcher::v3::FilterStateMatcher") },
+        FieldSchema { name: "cookies", json: "cookies", tag: 17, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::CookieMatcher") },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_ROUTEACTION: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::RouteAction",
+    fields: &[
+        FieldSchema { name: "cluster", json: "cluster", tag: 1, card: Card::Oneof("cluster_specifier"), ty: Ty::String },
+        FieldSchema { name: "cluster_header", json: "clusterHeader", tag: 2, card: Card::Oneof("cluster_specifier"), ty: Ty::String },
+        FieldSchema { name: "weighted_clusters", json: "weightedClusters", tag: 3, card: Card::Oneof("cluster_specifier"), ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_WEIGHTEDCLUSTER) },
+        FieldSchema { name: "metadata_match", json: "metadataMatch", tag: 4, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Metadata") },
+        FieldSchema { name: "prefix_rewrite", json: "prefixRewrite", tag: 5, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "host_rewrite_literal", json: "hostRewriteLiteral", tag: 6, card: Card::Oneof("host_rewrite_specifier"), ty: Ty::String },
+        FieldSchema { name: "auto_host_rewrite", json: "autoHostRewrite", tag: 7, card: Card::Oneof("host_rewrite_specifier"), ty: Ty::BoolValue },
+        FieldSchema { name: "timeout", json: "timeout", tag: 8, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "retry_policy", json: "retryPolicy", tag: 9, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::RetryPolicy") },
+        FieldSchema { name: "priority", json: "priority", tag: 11, card: Card::Single, ty: Ty::Enum(E_ENVOY_CONFIG_CORE_V3_ROUTINGPRIORITY) },
+        FieldSchema { name: "rate_limits", json: "rateLimits", tag: 13, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::RateLimit") },
+        FieldSchema { name: "include_vh_rate_limits", json: "includeVhRateLimits", tag: 14, card: Card::Single, ty: Ty::BoolValue },
+        FieldSchema { name: "hash_policy", json: "hashPolicy", tag: 15, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::route_action::HashPolicy") },
+        FieldSchema { name: "cors", json: "cors", tag: 17, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::CorsPolicy") },
+        FieldSchema { name: "cluster_not_found_response_code", json: "clusterNotFoundResponseCode", tag: 20, card: Card::Single, ty: Ty::Enum(E_ENVOY_CONFIG_ROUTE_V3_ROUTE_ACTION_CLUSTERNOTFOUNDRESPONSECODE) },
+        FieldSchema { name: "max_grpc_timeout", json: "maxGrpcTimeout", tag: 23, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "idle_timeout", json: "idleTimeout", tag: 24, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "upgrade_configs", json: "upgradeConfigs", tag: 25, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::route_action::UpgradeConfig") },
+        FieldSchema { name: "internal_redirect_action", json: "internalRedirectAction", tag: 26, card: Card::Single, ty: Ty::Enum(E_ENVOY_CONFIG_ROUTE_V3_ROUTE_ACTION_INTERNALREDIRECTACTION) },
+        FieldSchema { name: "hedge_policy", json: "hedgePolicy", tag: 27, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::HedgePolicy") },
+        FieldSchema { name: "grpc_timeout_offset", json: "grpcTimeoutOffset", tag: 28, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "host_rewrite_header", json: "hostRewriteHeader", tag: 29, card: Card::Oneof("host_rewrite_specifier"), ty: Ty::String },
+        FieldSchema { name: "request_mirror_policies", json: "requestMirrorPolicies", tag: 30, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::route_action::RequestMirrorPolicy") },
+        FieldSchema { name: "max_internal_redirects", json: "maxInternalRedirects", tag: 31, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "regex_rewrite", json: "regexRewrite", tag: 32, card: Card::Single, ty: Ty::Opaque("envoy::type::matcher::v3::RegexMatchAndSubstitute") },
+        FieldSchema { name: "retry_policy_typed_config", json: "retryPolicyTypedConfig", tag: 33, card: Card::Single, ty: Ty::Any },
+        FieldSchema { name: "internal_redirect_policy", json: "internalRedirectPolicy", tag: 34, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::InternalRedirectPolicy") },
+        FieldSchema { name: "host_rewrite_path_regex", json: "hostRewritePathRegex", tag: 35, card: Card::Oneof("host_rewrite_specifier"), ty: Ty::Opaque("envoy::type::matcher::v3::RegexMatchAndSubstitute") },
+        FieldSchema { name: "max_stream_duration", json: "maxStreamDuration", tag: 36, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::route_action::MaxStreamDuration") },
+        FieldSchema { name: "cluster_specifier_plugin", json: "clusterSpecifierPlugin", tag: 37, card: Card::Oneof("cluster_specifier"), ty: Ty::String },
+        FieldSchema { name: "append_x_forwarded_host", json: "appendXForwardedHost", tag: 38, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "inline_cluster_specifier_plugin", json: "inlineClusterSpecifierPlugin", tag: 39, card: Card::Oneof("cluster_specifier"), ty: Ty::Opaque("envoy::config::route::v3::ClusterSpecifierPlugin") },
+        FieldSchema { name: "early_data_policy", json: "earlyDataPolicy", tag: 40, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+        FieldSchema { name: "path_rewrite_policy", json: "pathRewritePolicy", tag: 41, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::TypedExtensionConfig") },
+        FieldSchema { name: "flush_timeout", json: "flushTimeout", tag: 42, card: Card::Single, ty: Ty::Duration },
+        FieldSchema { name: "host_rewrite", json: "hostRewrite", tag: 44, card: Card::Oneof("host_rewrite_specifier"), ty: Ty::String },
+        FieldSchema { name: "path_rewrite", json: "pathRewrite", tag: 45, card: Card::Single, ty: Ty::String },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_WEIGHTEDCLUSTER: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::WeightedCluster",
+    fields: &[
+        FieldSchema { name: "clusters", json: "clusters", tag: 1, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_WEIGHTED_CLUSTER_CLUSTERWEIGHT) },
+        FieldSchema { name: "runtime_key_prefix", json: "runtimeKeyPrefix", tag: 2, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "total_weight", json: "totalWeight", tag: 3, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "header_name", json: "headerName", tag: 4, card: Card::Oneof("random_value_specifier"), ty: Ty::String },
+        FieldSchema { name: "use_hash_policy", json: "useHashPolicy", tag: 5, card: Card::Oneof("random_value_specifier"), ty: Ty::BoolValue },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_WEIGHTED_CLUSTER_CLUSTERWEIGHT: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::weighted_cluster::ClusterWeight",
+    fields: &[
+        FieldSchema { name: "name", json: "name", tag: 1, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "weight", json: "weight", tag: 2, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "metadata_match", json: "metadataMatch", tag: 3, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Metadata") },
+        FieldSchema { name: "request_headers_to_add", json: "requestHeadersToAdd", tag: 4, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "response_headers_to_add", json: "responseHeadersToAdd", tag: 5, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HeaderValueOption") },
+        FieldSchema { name: "response_headers_to_remove", json: "responseHeadersToRemove", tag: 6, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "request_headers_to_remove", json: "requestHeadersToRemove", tag: 9, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "typed_per_filter_config", json: "typedPerFilterConfig", tag: 10, card: Card::Single, ty: Ty::Map },
+        FieldSchema { name: "host_rewrite_literal", json: "hostRewriteLiteral", tag: 11, card: Card::Oneof("host_rewrite_specifier"), ty: Ty::String },
+        FieldSchema { name: "cluster_header", json: "clusterHeader", tag: 12, card: Card::Single, ty: Ty::String },
+    ],
+};
+
 pub static E_ENVOY_CONFIG_CLUSTER_V3_CLUSTER_CLUSTERPROTOCOLSELECTION: &[(&str, i32)] = &[("USE_CONFIGURED_PROTOCOL", 0), ("USE_DOWNSTREAM_PROTOCOL", 1)];
 pub static E_ENVOY_CONFIG_CLUSTER_V3_CLUSTER_DISCOVERYTYPE: &[(&str, i32)] = &[("STATIC", 0), ("STRICT_DNS", 1), ("LOGICAL_DNS", 2), ("EDS", 3), ("ORIGINAL_DST", 4)];
 pub static E_ENVOY_CONFIG_CLUSTER_V3_CLUSTER_DNSLOOKUPFAMILY: &[(&str, i32)] = &[("AUTO", 0), ("V4_ONLY", 1), ("V6_ONLY", 2), ("V4_PREFERRED", 3), ("ALL", 4)];
 pub static E_ENVOY_CONFIG_CLUSTER_V3_CLUSTER_LBPOLICY: &[(&str, i32)] = &[("ROUND_ROBIN", 0), ("LEAST_REQUEST", 1), ("RING_HASH", 2), ("RANDOM", 3), ("MAGLEV", 5), ("CLUSTER_PROVIDED", 6), ("LOAD_BALANCING_POLICY_CONFIG", 7)];
 pub static E_ENVOY_CONFIG_CORE_V3_HEALTHSTATUS: &[(&str, i32)] = &[("UNKNOWN", 0), ("HEALTHY", 1), ("UNHEALTHY", 2), ("DRAINING", 3), ("TIMEOUT", 4), ("DEGRADED", 5)];
+pub static E_ENVOY_CONFIG_CORE_V3_ROUTINGPRIORITY: &[(&str, i32)] = &[("DEFAULT", 0), ("HIGH", 1)];
 pub static E_ENVOY_CONFIG_CORE_V3_TRAFFICDIRECTION: &[(&str, i32)] = &[("UNSPECIFIED", 0), ("INBOUND", 1), ("OUTBOUND", 2)];
 pub static E_ENVOY_CONFIG_CORE_V3_SOCKET_ADDRESS_PROTOCOL: &[(&str, i32)] = &[("TCP", 0), ("UDP", 1)];
 pub static E_ENVOY_CONFIG_LISTENER_V3_LISTENER_DRAINTYPE: &[(&str, i32)] = &[("DEFAULT", 0), ("MODIFY_ONLY", 1)];
+pub static E_ENVOY_CONFIG_ROUTE_V3_ROUTE_ACTION_CLUSTERNOTFOUNDRESPONSECODE: &[(&str, i32)] = &[("SERVICE_UNAVAILABLE", 0), ("NOT_FOUND", 1), ("INTERNAL_SERVER_ERROR", 2)];
+pub static E_ENVOY_CONFIG_ROUTE_V3_ROUTE_ACTION_INTERNALREDIRECTACTION: &[(&str, i32)] = &[("PASS_THROUGH_INTERNAL_REDIRECT", 0), ("HANDLE_INTERNAL_REDIRECT", 1)];
+pub static E_ENVOY_CONFIG_ROUTE_V3_VIRTUAL_HOST_TLSREQUIREMENTTYPE: &[(&str, i32)] = &[("NONE", 0), ("EXTERNAL_ONLY", 1), ("ALL", 2)];
+pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_CODECTYPE: &[(&str, i32)] = &[("AUTO", 0), ("HTTP1", 1), ("HTTP2", 2), ("HTTP3", 3)];
+pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_FORWARDCLIENTCERTDETAILS: &[(&str, i32)] = &[("SANITIZE", 0), ("FORWARD_ONLY", 1), ("APPEND_FORWARD", 2), ("SANITIZE_SET", 3), ("ALWAYS_FORWARD_ONLY", 4)];
+pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_PATHWITHESCAPEDSLASHESACTION: &[(&str, i32)] = &[("IMPLEMENTATION_SPECIFIC_DEFAULT", 0), ("KEEP_UNCHANGED", 1), ("REJECT_REQUEST", 2), ("UNESCAPE_AND_REDIRECT", 3), ("UNESCAPE_AND_FORWARD", 4)];
+pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CONNECTION_MANAGER_SERVERHEADERTRANSFORMATION: &[(&str, i32)] = &[("OVERWRITE", 0), ("APPEND_IF_ABSENT", 1), ("PASS_THROUGH", 2)];
 pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_TCP_PROXY_V3_PROXYPROTOCOLTLVMERGEPOLICY: &[(&str, i32)] = &[("ADD_IF_ABSENT", 0), ("OVERWRITE_BY_TYPE_IF_EXISTS_OR_ADD", 1), ("APPEND_IF_EXISTS_OR_ADD", 2)];
 pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_TCP_PROXY_V3_UPSTREAMCONNECTMODE: &[(&str, i32)] = &[("IMMEDIATE", 0), ("ON_DOWNSTREAM_DATA", 1), ("ON_DOWNSTREAM_TLS_HANDSHAKE", 2)];
 

@@ -109,15 +109,32 @@ impl MsgSchema {
 pub(crate) const TCP_PROXY_TYPE_URL: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 
+/// The type URL of the HTTP connection manager network filter's `typed_config`.
+pub(crate) const HCM_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+
 /// The schema of an `Any` payload type this crate decodes, by type URL.
 pub(crate) fn any_schema(type_url: &str) -> Option<&'static MsgSchema> {
     match type_url {
         TCP_PROXY_TYPE_URL => Some(&M_ENVOY_EXTENSIONS_FILTERS_NETWORK_TCP_PROXY_V3_TCPPROXY),
+        HCM_TYPE_URL => Some(
+            &M_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTPCONNECTIONMANAGER,
+        ),
         _ => None,
     }
 }
 
 pub(crate) static LISTENER: &MsgSchema = &M_ENVOY_CONFIG_LISTENER_V3_LISTENER;
+pub(crate) static HCM: &MsgSchema =
+    &M_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTPCONNECTIONMANAGER;
+pub(crate) static RDS: &MsgSchema =
+    &M_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_RDS;
+pub(crate) static ROUTE_CONFIGURATION: &MsgSchema = &M_ENVOY_CONFIG_ROUTE_V3_ROUTECONFIGURATION;
+pub(crate) static VIRTUAL_HOST: &MsgSchema = &M_ENVOY_CONFIG_ROUTE_V3_VIRTUALHOST;
+pub(crate) static ROUTE: &MsgSchema = &M_ENVOY_CONFIG_ROUTE_V3_ROUTE;
+pub(crate) static ROUTE_MATCH: &MsgSchema = &M_ENVOY_CONFIG_ROUTE_V3_ROUTEMATCH;
+pub(crate) static ROUTE_ACTION: &MsgSchema = &M_ENVOY_CONFIG_ROUTE_V3_ROUTEACTION;
+pub(crate) static ROUTE_CLUSTER_WEIGHT: &MsgSchema =
+    &M_ENVOY_CONFIG_ROUTE_V3_WEIGHTED_CLUSTER_CLUSTERWEIGHT;
 pub(crate) static FILTER_CHAIN: &MsgSchema = &M_ENVOY_CONFIG_LISTENER_V3_FILTERCHAIN;
 pub(crate) static SOCKET_ADDRESS: &MsgSchema = &M_ENVOY_CONFIG_CORE_V3_SOCKETADDRESS;
 pub(crate) static TCP_PROXY: &MsgSchema = &M_ENVOY_EXTENSIONS_FILTERS_NETWORK_TCP_PROXY_V3_TCPPROXY;
