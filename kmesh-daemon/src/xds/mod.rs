@@ -48,7 +48,15 @@ impl Sink for DataplaneSink {
             return Err("the dataplane is not loaded".into());
         };
         let t = std::time::Instant::now();
-        let summary = dp.apply(&compiled.flat).map_err(|e| e.to_string())?;
+        let applied = dp.apply(&compiled.flat);
+        crate::telemetry::record_config_apply(applied.is_ok());
+        let summary = applied.map_err(|e| e.to_string())?;
+        // Metric labels (service names by VIP and backend) follow the config.
+        // Endpoint-only updates (apply_services) skip this O(services) step;
+        // a backend added that way is labelled on the next full update.
+        if let Some(tel) = self.state.telemetry.get() {
+            tel.set_config(&compiled.flat);
+        }
         tracing::info!(
             added = summary.added,
             changed = summary.changed,
