@@ -246,6 +246,11 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<()> {
+    if args.mode == Mode::DualEngine && args.on_exit == OnExit::Keep {
+        // The XDP authorization links are not pinned yet: keeping the
+        // connect programs while authorization goes away would fail open.
+        bail!("--on-exit keep is not supported with --mode dual-engine yet (authorization would stop while no daemon runs); use --on-exit detach");
+    }
     if args.mode == Mode::DualEngine && args.config.is_none() {
         bail!("--mode dual-engine needs --config <file> (a ztunnel-style local config); xDS for the workload API is not implemented in this version");
     }
