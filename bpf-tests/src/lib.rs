@@ -109,15 +109,7 @@ impl Looping {
     /// Waits for the loop to end and returns what it saw.
     pub fn finish(mut self) -> io::Result<ConnectReport> {
         let child = self.0.take().expect("finished once");
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "testpod loop failed: {}",
-                out.status
-            )));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
+        json_report("loop", child.wait_with_output()?)
     }
 }
 
@@ -364,14 +356,7 @@ impl Node {
             .arg(count.to_string())
             .stderr(Stdio::inherit())
             .output()?;
-        if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "testpod connect failed: {}",
-                out.status
-            )));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
+        json_report("connect", out)
     }
 
     /// Like [`Node::connect`] with a connect timeout of `timeout_ms` (a
@@ -392,14 +377,7 @@ impl Node {
             .arg(count.to_string())
             .stderr(Stdio::inherit())
             .output()?;
-        if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "testpod connect failed: {}",
-                out.status
-            )));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
+        json_report("connect", out)
     }
 
     /// Starts sequential connections from `pod` to `addr` for `millis`
@@ -434,14 +412,7 @@ impl Node {
             .arg(bytes.to_string())
             .stderr(Stdio::inherit())
             .output()?;
-        if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "testpod talk failed: {}",
-                out.status
-            )));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| io::Error::other(format!("bad testpod output: {e}")))
+        json_report("talk", out)
     }
 
     /// Opens `count` connections from `pod` to `addr` and keeps them open.
@@ -557,4 +528,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((code, body))
+}
+
+/// The JSON line a finished `kmesh-testpod` printed, or why there is none.
+fn json_report<T: serde::de::DeserializeOwned>(
+    what: &str,
+    out: std::process::Output,
+) -> io::Result<T> {
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "testpod {what} failed: {}",
+            out.status
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| io::Error::other(format!("bad testpod {what} output: {e}")))
 }

@@ -25,6 +25,7 @@ use kmesh_abi::authz::{
 };
 use xds_adapter::workload::AuthzTables;
 
+use crate::dataplane::take;
 use crate::dataplane::DataplaneError;
 
 /// Entry and evaluation programs.
@@ -80,21 +81,6 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError 
         map,
         detail: e.to_string(),
     }
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
-where
-    T: TryFrom<aya::maps::Map>,
-    T::Error: std::fmt::Display,
-{
-    let map = ebpf.take_map(name).ok_or(DataplaneError::Map {
-        map: name,
-        detail: "not in the object".into(),
-    })?;
-    T::try_from(map).map_err(|e| DataplaneError::Map {
-        map: name,
-        detail: e.to_string(),
-    })
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {

@@ -192,7 +192,8 @@ fn op_err(map: &'static str, op: &'static str, e: aya::maps::MapError) -> MapOpE
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+/// Takes map `name` out of the loaded object as a typed map.
+pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map>,
     T::Error: std::fmt::Display,
