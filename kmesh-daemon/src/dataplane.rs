@@ -472,23 +472,8 @@ impl Dataplane {
     /// Makes the kernel route for exactly the services in `cfg`. On error
     /// the kernel keeps the previous config.
     pub fn apply(&mut self, cfg: &FlatConfig) -> Result<ApplySummary, DataplaneError> {
-        let desired: BTreeMap<SockAddr, DesiredService> = cfg
-            .services
-            .values()
-            .map(|s| {
-                (
-                    xds_adapter::addr::to_abi(s.vip),
-                    DesiredService {
-                        lb_policy: s.lb_policy,
-                        slots: s
-                            .slots
-                            .iter()
-                            .map(|a| xds_adapter::addr::to_abi(*a))
-                            .collect(),
-                    },
-                )
-            })
-            .collect();
+        let desired: BTreeMap<SockAddr, DesiredService> =
+            cfg.services.values().map(desired_record).collect();
         Ok(self.table.apply(&mut self.maps, &desired)?)
     }
 
@@ -519,19 +504,7 @@ impl Dataplane {
         let some: BTreeMap<SockAddr, DesiredService> = vips
             .iter()
             .filter_map(|v| cfg.services.get(v))
-            .map(|s| {
-                (
-                    xds_adapter::addr::to_abi(s.vip),
-                    DesiredService {
-                        lb_policy: s.lb_policy,
-                        slots: s
-                            .slots
-                            .iter()
-                            .map(|a| xds_adapter::addr::to_abi(*a))
-                            .collect(),
-                    },
-                )
-            })
+            .map(desired_record)
             .collect();
         Ok(self.table.apply_subset(&mut self.maps, &some)?)
     }
@@ -682,6 +655,21 @@ fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, DataplaneError> {
             program: SOCKOPS_PROGRAM,
             source,
         })
+}
+
+/// A flattened service as the writer's kernel record.
+fn desired_record(s: &xds_adapter::FlatService) -> (SockAddr, DesiredService) {
+    (
+        xds_adapter::addr::to_abi(s.vip),
+        DesiredService {
+            lb_policy: s.lb_policy,
+            slots: s
+                .slots
+                .iter()
+                .map(|a| xds_adapter::addr::to_abi(*a))
+                .collect(),
+        },
+    )
 }
 
 fn program<'a>(
