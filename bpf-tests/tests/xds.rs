@@ -135,6 +135,7 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
 
     let bpffs = Bpffs::new();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let daemon = Command::new(workspace_bin("kmesh-daemon"))
         .arg("--xds-address")
         .arg(f.uri())
@@ -146,6 +147,8 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
         .arg(&bpffs.0)
         .arg("--admin-addr")
         .arg(admin.to_string())
+        .arg("--metrics-addr")
+        .arg(metrics.to_string())
         .env_remove("XDS_ADDRESS")
         .stderr(Stdio::inherit())
         .spawn()
@@ -254,6 +257,17 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
         .as_str()
         .unwrap()
         .contains("bad"));
+    // ...and the NACK and the ACKs are counted in the metrics.
+    let (code, text) = bpf_tests::http_get(metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert!(value("kmesh_xds_responses_total{type=\"LDS\",result=\"nack\"}") >= 1.0);
+    assert!(value("kmesh_xds_responses_total{type=\"CDS\",result=\"ack\"}") >= 1.0);
+    assert!(value("kmesh_xds_streams_total") >= 1.0);
 
     // SIGTERM: clean exit.
     // SAFETY: plain kill(2) on our own child.

@@ -53,6 +53,25 @@ pub fn record_config_apply(ok: bool) {
     }
 }
 
+/// xDS responses by type (CDS, EDS, LDS, RDS) and result (ACK, NACK), and
+/// ADS streams opened, counted by the xDS client.
+static XDS_TYPES: [&str; 4] = ["CDS", "EDS", "LDS", "RDS"];
+static XDS_RESPONSES: [[AtomicU64; 2]; 4] = [const { [const { AtomicU64::new(0) }; 2] }; 4];
+static XDS_STREAMS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one xDS response of `type_short` ("CDS"…) for
+/// `kmesh_xds_responses_total{type,result}`.
+pub fn record_xds_response(type_short: &str, acked: bool) {
+    if let Some(i) = XDS_TYPES.iter().position(|t| *t == type_short) {
+        XDS_RESPONSES[i][usize::from(!acked)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one ADS stream opened (the first and every reconnect).
+pub fn record_xds_stream() {
+    XDS_STREAMS.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Where access log lines go.
 pub type Sink = Box<dyn Write + Send>;
 
@@ -306,6 +325,34 @@ impl Telemetry {
             "kmesh_config_applies_total",
             &[("result", "error")],
             CONFIG_APPLIES_FAILED.load(Ordering::Relaxed) as f64,
+        );
+        h(
+            &mut out,
+            "kmesh_xds_responses_total",
+            "xDS responses from the control plane, by type and by whether they were ACKed or NACKed.",
+            "counter",
+        );
+        for (i, t) in XDS_TYPES.iter().enumerate() {
+            for (j, result) in ["ack", "nack"].iter().enumerate() {
+                s(
+                    &mut out,
+                    "kmesh_xds_responses_total",
+                    &[("type", t), ("result", result)],
+                    XDS_RESPONSES[i][j].load(Ordering::Relaxed) as f64,
+                );
+            }
+        }
+        h(
+            &mut out,
+            "kmesh_xds_streams_total",
+            "ADS streams opened to the control plane (the first one and every reconnect).",
+            "counter",
+        );
+        s(
+            &mut out,
+            "kmesh_xds_streams_total",
+            &[],
+            XDS_STREAMS.load(Ordering::Relaxed) as f64,
         );
         h(
             &mut out,

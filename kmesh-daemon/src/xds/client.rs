@@ -213,6 +213,7 @@ pub async fn run(opts: ClientOptions, mut sink: impl Sink, status: SharedStatus)
     let mut rng = seed();
     loop {
         lock(&status).streams += 1;
+        crate::telemetry::record_xds_stream();
         let mut progressed = false;
         let r = if opts.delta {
             run_delta(
@@ -637,6 +638,7 @@ async fn run_sotw(
                 versions.insert(t, st.version.clone());
             }
         }
+        crate::telemetry::record_xds_response(short(t), nack.is_none());
         {
             let mut s = lock(status);
             match &nack {
@@ -778,6 +780,7 @@ async fn run_delta(
         });
         let st = types.entry(t).or_default();
         st.responded = true;
+        crate::telemetry::record_xds_response(short(t), nack.is_none());
         {
             let mut s = lock(status);
             match &nack {
