@@ -132,6 +132,16 @@ policies:
         v["policy_decisions"]["backend/only-web"].as_u64().unwrap() >= 21,
         "{body}"
     );
+    // The same decisions in the metrics.
+    let (code, text) = http_get(daemon.metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert!(value("kmesh_authz_decisions_total{decision=\"denied_no_allow_match\"}") >= 1.0);
+    assert!(value("kmesh_authz_policy_decisions_total{policy=\"backend/only-web\"}") >= 21.0);
     assert_eq!(v["attached"].as_array().unwrap().len(), 3, "{body}");
 
     // kmeshctl reads the same endpoint (`cargo xtask test` builds it).

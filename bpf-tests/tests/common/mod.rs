@@ -211,6 +211,8 @@ pub fn free_port() -> u16 {
 pub struct Daemon {
     pub child: Child,
     pub admin: SocketAddr,
+    /// Where it serves /metrics.
+    pub metrics: SocketAddr,
 }
 
 impl Daemon {
@@ -224,6 +226,7 @@ impl Daemon {
         extra: &[&str],
     ) -> Daemon {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(workspace_bin("kmesh-daemon"))
             .arg("--config")
             .arg(config)
@@ -236,12 +239,16 @@ impl Daemon {
             .arg("--admin-addr")
             .arg(admin.to_string())
             .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg(metrics.to_string())
             .args(extra)
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut d = Daemon { child, admin };
+        let mut d = Daemon {
+            child,
+            admin,
+            metrics,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while bpf_tests::http_get(admin, "/debug/ready").map(|r| r.0) != Some(200) {
             assert!(d.child.try_wait().unwrap().is_none(), "daemon exited early");

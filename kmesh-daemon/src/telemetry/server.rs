@@ -25,9 +25,51 @@ pub fn render(state: &AdminState) -> String {
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
         .and_then(|dp| dp.stats().ok());
-    match state.telemetry.get() {
+    let mut out = match state.telemetry.get() {
         Some(t) => t.render(connect.as_ref()),
         None => String::new(),
+    };
+    render_authz(state, &mut out);
+    out
+}
+
+/// Dual-engine authorization decisions, read from the kernel's per-CPU
+/// counters (nothing in kernel-native mode).
+fn render_authz(state: &AdminState, out: &mut String) {
+    use super::metrics::{header, sample};
+    let de = state.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(de) = de.as_ref() else { return };
+    if let Ok(stats) = de.authz.stats() {
+        header(
+            out,
+            "kmesh_authz_decisions_total",
+            "L4 authorization in the kernel: TCP SYNs to enrolled workloads, by decision.",
+            "counter",
+        );
+        for (decision, n) in stats {
+            sample(
+                out,
+                "kmesh_authz_decisions_total",
+                &[("decision", decision)],
+                n as f64,
+            );
+        }
+    }
+    if let Ok(per_policy) = de.authz.policy_stats() {
+        header(
+            out,
+            "kmesh_authz_policy_decisions_total",
+            "Connections decided by each authorization policy (namespace/name).",
+            "counter",
+        );
+        for (policy, n) in per_policy {
+            sample(
+                out,
+                "kmesh_authz_policy_decisions_total",
+                &[("policy", &policy)],
+                n as f64,
+            );
+        }
     }
 }
 
