@@ -182,6 +182,31 @@ fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, XdsStatus> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The type URL as one of the four types asked for, if it is one.
+fn known_type(type_url: &str) -> Option<&'static str> {
+    super::store::TYPES.into_iter().find(|t| *t == type_url)
+}
+
+fn mark_connected(status: &SharedStatus) {
+    let mut s = lock(status);
+    s.connected = true;
+    s.last_error = None;
+}
+
+/// Records a response's outcome for the admin dump and the metrics.
+fn record_outcome(status: &SharedStatus, t: &'static str, version: &str, nack: Option<&str>) {
+    crate::telemetry::record_xds_response(short(t), nack.is_none());
+    let mut s = lock(status);
+    match nack {
+        None => {
+            s.accepted_versions.insert(short(t), version.to_string());
+        }
+        Some(m) => {
+            s.last_nack.insert(short(t), m.to_string());
+        }
+    }
+}
+
 /// Per-type protocol state of one stream.
 #[derive(Debug, Default, Clone)]
 struct TypeState {
@@ -606,11 +631,7 @@ async fn run_sotw(
         .await
         .map_err(|e| format!("opening the ADS stream: {e}"))?
         .into_inner();
-    {
-        let mut s = lock(status);
-        s.connected = true;
-        s.last_error = None;
-    }
+    mark_connected(status);
     tracing::info!(address = %opts.address, node = %opts.node.node_id(), "xDS: ADS stream open (state of the world)");
     loop {
         let resp: DiscoveryResponse = match stream.message().await {
@@ -619,10 +640,7 @@ async fn run_sotw(
             Err(e) => return Err(format!("ADS stream: {e}")),
         };
         *progressed = true;
-        let Some(t) = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE]
-            .into_iter()
-            .find(|t| *t == resp.type_url)
-        else {
+        let Some(t) = known_type(&resp.type_url) else {
             tracing::warn!(type_url = %resp.type_url, "xDS: response of a type never asked for; ignored");
             continue;
         };
@@ -638,19 +656,7 @@ async fn run_sotw(
                 versions.insert(t, st.version.clone());
             }
         }
-        crate::telemetry::record_xds_response(short(t), nack.is_none());
-        {
-            let mut s = lock(status);
-            match &nack {
-                None => {
-                    s.accepted_versions
-                        .insert(short(t), resp.version_info.clone());
-                }
-                Some(m) => {
-                    s.last_nack.insert(short(t), m.clone());
-                }
-            }
-        }
+        record_outcome(status, t, &resp.version_info, nack.as_deref());
         send(&tx, &mut first, t, &types[t], nack)?;
         // Subscriptions that follow from what is now held.
         for (dep, names) in [
@@ -743,11 +749,7 @@ async fn run_delta(
         .await
         .map_err(|e| format!("opening the delta ADS stream: {e}"))?
         .into_inner();
-    {
-        let mut s = lock(status);
-        s.connected = true;
-        s.last_error = None;
-    }
+    mark_connected(status);
     tracing::info!(address = %opts.address, node = %opts.node.node_id(), "xDS: delta ADS stream open");
     loop {
         let resp: DeltaDiscoveryResponse = match stream.message().await {
@@ -756,10 +758,7 @@ async fn run_delta(
             Err(e) => return Err(format!("delta ADS stream: {e}")),
         };
         *progressed = true;
-        let Some(t) = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE]
-            .into_iter()
-            .find(|t| *t == resp.type_url)
-        else {
+        let Some(t) = known_type(&resp.type_url) else {
             tracing::warn!(type_url = %resp.type_url, "xDS: response of a type never asked for; ignored");
             continue;
         };
@@ -780,19 +779,7 @@ async fn run_delta(
         });
         let st = types.entry(t).or_default();
         st.responded = true;
-        crate::telemetry::record_xds_response(short(t), nack.is_none());
-        {
-            let mut s = lock(status);
-            match &nack {
-                None => {
-                    s.accepted_versions
-                        .insert(short(t), resp.system_version_info.clone());
-                }
-                Some(m) => {
-                    s.last_nack.insert(short(t), m.clone());
-                }
-            }
-        }
+        record_outcome(status, t, &resp.system_version_info, nack.as_deref());
         send(
             &tx,
             DeltaDiscoveryRequest {
