@@ -82,6 +82,13 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Counts a new stream; returns its id (1, 2, …).
+    fn open_stream(&self) -> u64 {
+        let mut s = self.lock();
+        s.streams += 1;
+        s.streams
+    }
 }
 
 /// A running fixture. Dropping it stops the server and ends its streams.
@@ -408,11 +415,7 @@ impl AggregatedDiscoveryService for Service {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let shared = self.shared.clone();
-        let id = {
-            let mut s = shared.lock();
-            s.streams += 1;
-            s.streams
-        };
+        let id = shared.open_stream();
         tokio::spawn(async move {
             let mut changed = shared.changed.subscribe();
             let mut kill = shared.kill.subscribe();
@@ -481,11 +484,7 @@ impl AggregatedDiscoveryService for Service {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let shared = self.shared.clone();
-        let id = {
-            let mut s = shared.lock();
-            s.streams += 1;
-            s.streams
-        };
+        let id = shared.open_stream();
         tokio::spawn(async move {
             let mut changed = shared.changed.subscribe();
             let mut kill = shared.kill.subscribe();
