@@ -347,16 +347,10 @@ impl Node {
         self.spawn_server(cmd)
     }
 
-    /// Makes `count` sequential connections from `pod` to `addr`.
+    /// Makes `count` sequential connections from `pod` to `addr` (3 s
+    /// connect timeout, testpod's default).
     pub fn connect(&self, pod: &Pod, addr: SocketAddr, count: usize) -> io::Result<ConnectReport> {
-        let out = self
-            .testpod(&pod.netns_path, Some(&pod.cgroup))
-            .arg("connect")
-            .arg(addr.to_string())
-            .arg(count.to_string())
-            .stderr(Stdio::inherit())
-            .output()?;
-        json_report("connect", out)
+        self.connect_timeout(pod, addr, count, 3_000)
     }
 
     /// Like [`Node::connect`] with a connect timeout of `timeout_ms` (a

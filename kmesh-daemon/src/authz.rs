@@ -25,8 +25,8 @@ use kmesh_abi::authz::{
 };
 use xds_adapter::workload::AuthzTables;
 
-use crate::dataplane::take;
 use crate::dataplane::DataplaneError;
+use crate::dataplane::{program, take};
 
 /// Entry and evaluation programs.
 pub const ENTRY: &str = "kmesh_authz";
@@ -83,19 +83,6 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError 
     }
 }
 
-fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
-    ebpf.program_mut(name)
-        .ok_or(DataplaneError::Map {
-            map: name,
-            detail: "program not in the object".into(),
-        })?
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            program: name,
-            source,
-        })
-}
-
 /// Writes `want` into a hash map and removes every other key.
 fn sync_hash<K, V>(
     map: &mut HashMap<MapData, K, V>,
@@ -124,10 +111,12 @@ impl Authz {
     /// Loads both programs and links the chain. Nothing is attached yet.
     pub fn load(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
         let prog_err = |program| move |source| DataplaneError::Program { program, source };
-        xdp(ebpf, EVAL)?.load().map_err(prog_err(EVAL))?;
-        xdp(ebpf, ENTRY)?.load().map_err(prog_err(ENTRY))?;
+        program::<Xdp>(ebpf, EVAL)?.load().map_err(prog_err(EVAL))?;
+        program::<Xdp>(ebpf, ENTRY)?
+            .load()
+            .map_err(prog_err(ENTRY))?;
         let mut progs: ProgramArray<MapData> = take(ebpf, "KM_AZ_PROGS")?;
-        let fd = xdp(ebpf, EVAL)?.fd().map_err(prog_err(EVAL))?;
+        let fd = program::<Xdp>(ebpf, EVAL)?.fd().map_err(prog_err(EVAL))?;
         progs.set(0, fd, 0).map_err(map_err("KM_AZ_PROGS"))?;
         Ok(Authz {
             workloads: take(ebpf, "KM_AZ_WORKLOAD")?,
@@ -200,7 +189,7 @@ impl Authz {
             netns: netns.display().to_string(),
             source,
         })?;
-        let prog = xdp(ebpf, ENTRY)?;
+        let prog = program::<Xdp>(ebpf, ENTRY)?;
         let ifname_owned = ifname.to_string();
         // bpf_link_create resolves the ifindex in the calling thread's
         // network namespace: attach from a short-lived thread inside it,

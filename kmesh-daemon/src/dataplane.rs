@@ -278,14 +278,14 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in CONNECT_PROGRAMS {
-            program(&mut ebpf, name)?
+            program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program {
                     program: name,
                     source,
                 })?;
         }
-        sockops_program(&mut ebpf)?
+        program::<SockOps>(&mut ebpf, SOCKOPS_PROGRAM)?
             .load()
             .map_err(|source| DataplaneError::Program {
                 program: SOCKOPS_PROGRAM,
@@ -397,7 +397,7 @@ impl Dataplane {
         // always coexist with other programs; the kernel rejects any flag on
         // link_create, so the mode must be Single.
         for name in CONNECT_PROGRAMS {
-            let prog = program(&mut self.ebpf, name)?;
+            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
             let id = prog
                 .attach(&file, CgroupAttachMode::Single)
                 .map_err(|e| attach_err(name, e))?;
@@ -406,7 +406,7 @@ impl Dataplane {
                 self.pin_link(name, link.try_into())?;
             }
         }
-        let prog = sockops_program(&mut self.ebpf)?;
+        let prog = program::<SockOps>(&mut self.ebpf, SOCKOPS_PROGRAM)?;
         let id = prog
             .attach(&file, CgroupAttachMode::Single)
             .map_err(|e| attach_err(SOCKOPS_PROGRAM, e))?;
@@ -644,19 +644,6 @@ fn remove_links_except(links: &Path, program: &str, keep: &Path) {
     }
 }
 
-fn sockops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, DataplaneError> {
-    ebpf.program_mut(SOCKOPS_PROGRAM)
-        .ok_or(DataplaneError::Map {
-            map: SOCKOPS_PROGRAM,
-            detail: "program not in the object".into(),
-        })?
-        .try_into()
-        .map_err(|source| DataplaneError::Program {
-            program: SOCKOPS_PROGRAM,
-            source,
-        })
-}
-
 /// A flattened service as the writer's kernel record.
 fn desired_record(s: &xds_adapter::FlatService) -> (SockAddr, DesiredService) {
     (
@@ -672,10 +659,15 @@ fn desired_record(s: &xds_adapter::FlatService) -> (SockAddr, DesiredService) {
     )
 }
 
-fn program<'a>(
+/// Program `name` of the object as its concrete type (`CgroupSockAddr`,
+/// `SockOps`, `Xdp`, …).
+pub(crate) fn program<'a, P>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, DataplaneError> {
+) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DataplaneError::Map {
             map: name,
