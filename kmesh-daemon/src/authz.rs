@@ -26,7 +26,7 @@ use kmesh_abi::authz::{
 use xds_adapter::workload::AuthzTables;
 
 use crate::dataplane::DataplaneError;
-use crate::dataplane::{program, take};
+use crate::dataplane::{map_io, program, take};
 
 /// Entry and evaluation programs.
 pub const ENTRY: &str = "kmesh_authz";
@@ -76,13 +76,6 @@ pub struct Authz {
     attached: Vec<(String, String, &'static str)>,
 }
 
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::MapIo {
-        map,
-        detail: e.to_string(),
-    }
-}
-
 /// Writes `want` into a hash map and removes every other key.
 fn sync_hash<K, V>(
     map: &mut HashMap<MapData, K, V>,
@@ -94,7 +87,7 @@ where
     V: aya::Pod,
 {
     for (k, v) in want {
-        map.insert(k, v, 0).map_err(map_err(name))?;
+        map.insert(k, v, 0).map_err(map_io(name))?;
     }
     let stale: Vec<K> = map
         .keys()
@@ -117,7 +110,7 @@ impl Authz {
             .map_err(prog_err(ENTRY))?;
         let mut progs: ProgramArray<MapData> = take(ebpf, "KM_AZ_PROGS")?;
         let fd = program::<Xdp>(ebpf, EVAL)?.fd().map_err(prog_err(EVAL))?;
-        progs.set(0, fd, 0).map_err(map_err("KM_AZ_PROGS"))?;
+        progs.set(0, fd, 0).map_err(map_io("KM_AZ_PROGS"))?;
         Ok(Authz {
             workloads: take(ebpf, "KM_AZ_WORKLOAD")?,
             identities: take(ebpf, "KM_AZ_IDENTITY")?,
@@ -140,14 +133,14 @@ impl Authz {
         for (i, m) in t.matches.iter().enumerate() {
             self.matches
                 .set(i as u32, m, 0)
-                .map_err(map_err("KM_AZ_MATCH"))?;
+                .map_err(map_io("KM_AZ_MATCH"))?;
         }
         let values: BTreeMap<AzValueKey, u32> = t.values.iter().map(|k| (*k, 1)).collect();
         sync_hash(&mut self.values, "KM_AZ_VALUE", &values)?;
         for (len, c) in &t.cidrs {
             self.cidrs
                 .insert(&Key::new(*len, *c), 1, 0)
-                .map_err(map_err("KM_AZ_CIDR"))?;
+                .map_err(map_io("KM_AZ_CIDR"))?;
         }
         let stale: Vec<Key<AzCidr>> = self
             .cidrs
@@ -270,7 +263,7 @@ impl Authz {
             let v = self
                 .stats
                 .get(&(i as u32), 0)
-                .map_err(map_err("KM_AZ_STATS"))?;
+                .map_err(map_io("KM_AZ_STATS"))?;
             out.insert(*name, v.iter().sum());
         }
         Ok(out)
@@ -283,7 +276,7 @@ impl Authz {
             let v = self
                 .policy_stats
                 .get(&(i as u32), 0)
-                .map_err(map_err("KM_AZ_POLICY_STATS"))?;
+                .map_err(map_io("KM_AZ_POLICY_STATS"))?;
             out.insert(name.clone(), v.iter().sum());
         }
         Ok(out)
@@ -293,7 +286,7 @@ impl Authz {
     pub fn dump(&self) -> Result<serde_json::Value, DataplaneError> {
         let mut workloads = Vec::new();
         for e in self.workloads.iter() {
-            let (ip, w) = e.map_err(map_err("KM_AZ_WORKLOAD"))?;
+            let (ip, w) = e.map_err(map_io("KM_AZ_WORKLOAD"))?;
             workloads.push(serde_json::json!({
                 "ip": ip_of(&ip).to_string(),
                 "chain_id": w.chain_id,
@@ -303,7 +296,7 @@ impl Authz {
         }
         let mut identities = Vec::new();
         for e in self.identities.iter() {
-            let (ip, id) = e.map_err(map_err("KM_AZ_IDENTITY"))?;
+            let (ip, id) = e.map_err(map_io("KM_AZ_IDENTITY"))?;
             identities.push(serde_json::json!({
                 "ip": ip_of(&ip).to_string(),
                 "ns_id": id.ns_id,

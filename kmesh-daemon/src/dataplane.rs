@@ -192,6 +192,14 @@ fn op_err(map: &'static str, op: &'static str, e: aya::maps::MapError) -> MapOpE
     }
 }
 
+/// Turns a failed map operation on `map` into a [`DataplaneError`].
+pub(crate) fn map_io(map: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |e| DataplaneError::MapIo {
+        map,
+        detail: e.to_string(),
+    }
+}
+
 /// Takes map `name` out of the loaded object as a typed map.
 pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
@@ -333,28 +341,9 @@ impl Dataplane {
     /// no service points to (left by a daemon killed in the middle of an
     /// update: staged but never switched to).
     fn read_back_table(&mut self) -> Result<ServiceTable, DataplaneError> {
-        let dump = self.dump()?;
-        let mut live = std::collections::BTreeSet::new();
-        let mut entries = Vec::with_capacity(dump.services.len());
-        for s in &dump.services {
-            live.insert(s.service_id);
-            let value = self
-                .maps
-                .service
-                .get(&xds_adapter::addr::to_abi(s.vip), 0)
-                .map_err(|e| DataplaneError::MapIo {
-                    map: "KM_SERVICE",
-                    detail: e.to_string(),
-                })?;
-            entries.push((
-                xds_adapter::addr::to_abi(s.vip),
-                value,
-                s.slots
-                    .iter()
-                    .map(|a| xds_adapter::addr::to_abi(*a))
-                    .collect(),
-            ));
-        }
+        let entries = self.read_services()?;
+        let live: std::collections::BTreeSet<u32> =
+            entries.iter().map(|(_, v, _)| v.service_id).collect();
         let orphans: Vec<SlotKey> = self
             .maps
             .slot
@@ -551,27 +540,34 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Every service entry with its slots, as the kernel holds them: one
+    /// walk of `KM_SERVICE` and one lookup per slot.
+    fn read_services(
+        &self,
+    ) -> Result<Vec<(SockAddr, ServiceValue, Vec<SockAddr>)>, DataplaneError> {
+        let mut out = Vec::new();
+        for entry in self.maps.service.iter() {
+            let (vip, v) = entry.map_err(map_io("KM_SERVICE"))?;
+            let slots = (0..v.slot_count)
+                .map(|slot| {
+                    let key = SlotKey {
+                        service_id: v.service_id,
+                        slot,
+                    };
+                    self.maps.slot.get(&key, 0).map_err(map_io("KM_SLOT"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push((vip, v, slots));
+        }
+        Ok(out)
+    }
+
     /// Reads services, slots and enrollment back from the kernel maps.
     pub fn dump(&self) -> Result<KernelDump, DataplaneError> {
-        let io = |map: &'static str| {
-            move |e: aya::maps::MapError| DataplaneError::MapIo {
-                map,
-                detail: e.to_string(),
-            }
-        };
-        let mut services = Vec::new();
-        for entry in self.maps.service.iter() {
-            let (vip, v) = entry.map_err(io("KM_SERVICE"))?;
-            let mut slots = Vec::with_capacity(v.slot_count as usize);
-            for n in 0..v.slot_count {
-                let key = SlotKey {
-                    service_id: v.service_id,
-                    slot: n,
-                };
-                let b = self.maps.slot.get(&key, 0).map_err(io("KM_SLOT"))?;
-                slots.push(xds_adapter::addr::from_abi(&b));
-            }
-            services.push(KernelService {
+        let mut services: Vec<KernelService> = self
+            .read_services()?
+            .into_iter()
+            .map(|(vip, v, slots)| KernelService {
                 vip: xds_adapter::addr::from_abi(&vip),
                 service_id: v.service_id,
                 lb_policy: if v.lb_policy == LB_RANDOM {
@@ -579,13 +575,13 @@ impl Dataplane {
                 } else {
                     "ROUND_ROBIN"
                 },
-                slots,
-            });
-        }
+                slots: slots.iter().map(xds_adapter::addr::from_abi).collect(),
+            })
+            .collect();
         services.sort_by_key(|s| s.vip);
         let mut enrolled_netns = Vec::new();
         for k in self.manage.keys() {
-            enrolled_netns.push(k.map_err(io("KM_MANAGE"))?);
+            enrolled_netns.push(k.map_err(map_io("KM_MANAGE"))?);
         }
         enrolled_netns.sort_unstable();
         Ok(KernelDump {
