@@ -31,7 +31,7 @@ fn daemon_routes_serves_admin_and_detaches_on_sigterm() {
         .count();
     assert_eq!(
         links,
-        kmesh_daemon::dataplane::CONNECT_PROGRAMS.len() + 1, // + sockops
+        kmesh_daemon::dataplane::CGROUP_LINKS,
         "one pinned link per program"
     );
     let (code, body) = http_get(daemon.admin, "/debug/config_dump/bpf/kernel-native").unwrap();

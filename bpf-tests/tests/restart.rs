@@ -59,7 +59,7 @@ fn kill_9_restart_and_upgrade_lose_no_connect() {
     let links = std::fs::read_dir(bpffs.0.join("kmesh/links"))
         .unwrap()
         .count();
-    assert_eq!(links, kmesh_daemon::dataplane::CONNECT_PROGRAMS.len() + 1); // + sockops
+    assert_eq!(links, kmesh_daemon::dataplane::CGROUP_LINKS);
     drop(d3);
 
     // With every daemon gone, uninstall removes programs and pins.

@@ -55,6 +55,10 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
 /// The connection-tracking `sockops` program (see `kmesh-ebpf/src/sockops.rs`).
 pub const SOCKOPS_PROGRAM: &str = "kmesh_sockops";
 
+/// Programs attached to the cgroup, one pinned link each: the connect and
+/// getpeername programs and sockops.
+pub const CGROUP_LINKS: usize = CONNECT_PROGRAMS.len() + 1;
+
 /// Connection-telemetry maps (handed to `telemetry::Telemetry`), pinned
 /// for inspection too (`bpftool map dump pinned <pin dir>/KM_CONN`).
 pub const TELEMETRY_MAPS: [&str; 3] = ["KM_CONN", "KM_TELEMETRY", "KM_TELEMETRY_CFG"];
