@@ -121,3 +121,45 @@ fn maps_of_another_abi_version_are_replaced_without_loss() {
     let abi = aya::maps::Array::<_, u32>::try_from(aya::maps::Map::Array(data)).unwrap();
     assert_eq!(abi.get(&0, 0).unwrap(), kmesh_abi::ABI_VERSION);
 }
+
+#[test]
+fn a_second_daemon_on_the_same_pins_waits_for_the_first() {
+    bpf_tests::require_root();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let mut node = bpf_tests::Node::new("kmt", Path::new(TESTPOD)).unwrap();
+    let client = node.add_pod("client").unwrap();
+    let srv0 = node.add_pod("srv0").unwrap();
+    node.serve(&srv0, "srv0", &[srv0.addr4(8080)]).unwrap();
+    let bpffs = Bpffs::new("lock");
+    let cfg = bpffs.write_config(&mesh_config(vec![(srv0.addr4(8080), 1)]));
+    let keep = ["--on-exit", "keep"];
+    let mut d1 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &keep);
+
+    // A surge update: the new daemon starts while the old one still runs.
+    let mut d2 = Daemon::spawn(cfg, &client, &node.cgroup, &bpffs.0, &keep);
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(
+        d2.child.try_wait().unwrap().is_none(),
+        "second daemon exited"
+    );
+    assert!(
+        !d2.is_ready(),
+        "second daemon became ready beside the first"
+    );
+    let out = std::process::Command::new(workspace_bin("kmesh-daemon"))
+        .arg("uninstall")
+        .arg("--bpf-fs-path")
+        .arg(&bpffs.0)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "uninstall ran beside a live daemon");
+    assert!(err.contains("is running"), "{err}");
+    assert!(bpffs.0.join("kmesh").exists());
+
+    // The old one dies without cleaning up: the kernel drops its lock.
+    d1.signal(libc::SIGKILL);
+    d2.wait_ready(Duration::from_secs(10));
+    let r = node.connect(&client, vip, 10).unwrap();
+    assert_eq!((r.count("srv0"), r.errors), (10, 0), "{r:?}");
+}

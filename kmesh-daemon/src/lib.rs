@@ -5,6 +5,7 @@
 //! - [`writer`]: the make-before-break, all-or-nothing map update protocol;
 //! - [`netns`]: network namespace cookies for enrollment;
 //! - [`sys`]: cgroup v2 and bpffs discovery;
+//! - [`pinlock`]: one daemon per pin directory;
 //! - [`admin`]: the admin HTTP API on 127.0.0.1:15200;
 //! - [`telemetry`]: connection events → access log and Istio metrics on :15020;
 //! - [`logging`]: tracing output with levels adjustable at runtime.
@@ -16,6 +17,7 @@ pub mod dataplane;
 pub mod enroll;
 pub mod logging;
 pub mod netns;
+pub mod pinlock;
 pub mod sys;
 pub mod telemetry;
 pub mod writer;

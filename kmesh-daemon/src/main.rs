@@ -13,7 +13,7 @@ use kmesh_daemon::{
     admin::{self, AdminState},
     dataplane::{Dataplane, DataplaneOptions},
     enroll::kubernetes::{self, HostResolver},
-    logging, netns, sys, telemetry,
+    logging, netns, pinlock, sys, telemetry,
 };
 use std::collections::BTreeSet;
 
@@ -240,7 +240,18 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
         println!("nothing to remove: {} does not exist", dir.display());
         return Ok(());
     }
+    let Some(lock) = pinlock::try_acquire(&dir)? else {
+        bail!(
+            "a kmesh daemon is running on {} (it holds {}); stop it (delete the DaemonSet) before uninstalling",
+            dir.display(),
+            pinlock::lock_path(&dir).display()
+        );
+    };
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    let lock_dir = lock.path().to_path_buf();
+    drop(lock);
+    // Best effort: a daemon starting right now may hold it again.
+    let _ = std::fs::remove_dir(&lock_dir);
     println!("removed {}", dir.display());
     Ok(())
 }
@@ -339,6 +350,15 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         }
     });
 
+    // Not ready (admin says so) while another daemon owns the pins.
+    let _pin_lock = match pinlock::try_acquire(&pins)? {
+        Some(l) => l,
+        None => {
+            tracing::warn!(lock = %pinlock::lock_path(&pins).display(), "another kmesh daemon owns the pinned state; waiting for it to exit");
+            let p = pins.clone();
+            tokio::task::spawn_blocking(move || pinlock::acquire(&p)).await??
+        }
+    };
     let mut dp = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(pins.clone()),
         ..Default::default()

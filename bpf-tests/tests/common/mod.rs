@@ -225,6 +225,19 @@ impl Daemon {
         bpffs: &Path,
         extra: &[&str],
     ) -> Daemon {
+        let mut d = Daemon::spawn(config, client, cgroup, bpffs, extra);
+        d.wait_ready(Duration::from_secs(30));
+        d
+    }
+
+    /// [`Daemon::start`] without waiting for readiness.
+    pub fn spawn(
+        config: &Path,
+        client: &Pod,
+        cgroup: &Path,
+        bpffs: &Path,
+        extra: &[&str],
+    ) -> Daemon {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = Command::new(workspace_bin("kmesh-daemon"))
@@ -244,19 +257,29 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut d = Daemon {
+        Daemon {
             child,
             admin,
             metrics,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while bpf_tests::http_get(admin, "/debug/ready").map(|r| r.0) != Some(200) {
-            assert!(d.child.try_wait().unwrap().is_none(), "daemon exited early");
-            assert!(Instant::now() < deadline, "daemon not ready in 30 s");
+        }
+    }
+
+    /// Whether the admin API answers ready now.
+    pub fn is_ready(&self) -> bool {
+        bpf_tests::http_get(self.admin, "/debug/ready").map(|r| r.0) == Some(200)
+    }
+
+    /// Waits until the daemon is ready; panics if it exits or `limit` passes.
+    pub fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.is_ready() {
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "daemon exited early"
+            );
+            assert!(Instant::now() < deadline, "daemon not ready in {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        d.child.try_wait().unwrap();
-        d
     }
 
     /// Sends `sig` and waits (10 s at most) for the daemon to exit.
