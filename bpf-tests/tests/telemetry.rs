@@ -374,3 +374,60 @@ fn full_ring_buffer_drops_are_counted() {
         "{text}"
     );
 }
+
+/// The sum over series of one Istio metric family in the exposition.
+fn exposed(t: &Telemetry, family: &str) -> u64 {
+    t.render(None)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn bytes_of_open_connections_grow_before_close_and_count_once() {
+    let mut m = mesh(1, &[]);
+    let rt = runtime();
+    let t = rt
+        .block_on(async {
+            Telemetry::start(
+                &mut m.dp,
+                TelemetryOptions {
+                    tcp_reporting_interval: Duration::from_millis(200),
+                    ..Default::default()
+                },
+            )
+        })
+        .unwrap();
+    let cfg = web_config(&m);
+    m.dp.apply(&cfg).unwrap();
+    t.set_config(&cfg);
+
+    let mut held = m.node.hold(&m.client, VIP.parse().unwrap(), 1).unwrap();
+    wait_for("the connection opened", || {
+        exposed(&t, "istio_tcp_connections_opened_total") == 1
+    });
+    for k in 1..=3u64 {
+        // "probe-0\n" out, echoed back; the greeting "srv0\n" came first.
+        assert_eq!(held.check().unwrap(), 1);
+        wait_for(&format!("{} bytes sent reported while open", 8 * k), || {
+            exposed(&t, "istio_tcp_sent_bytes_total") == 8 * k
+        });
+        // Received bytes are read at the RTT sample of the ACK, before the
+        // echo it carries is queued: at least what came before.
+        let received = exposed(&t, "istio_tcp_received_bytes_total");
+        assert!(
+            (5 + 8 * (k - 1)..=5 + 8 * k).contains(&received),
+            "received {received} after {k} probes"
+        );
+        assert_eq!(exposed(&t, "istio_tcp_connections_closed_total"), 0);
+    }
+    drop(held);
+    wait_for("the connection closed", || {
+        exposed(&t, "istio_tcp_connections_closed_total") == 1
+    });
+    // Reported while open + the rest at close = exactly what was transferred.
+    assert_eq!(exposed(&t, "istio_tcp_sent_bytes_total"), 24);
+    assert_eq!(exposed(&t, "istio_tcp_received_bytes_total"), 5 + 24);
+    drop(rt);
+}

@@ -155,6 +155,11 @@ struct TelemetryArgs {
     /// (without Kubernetes, workloads are otherwise "unknown"); repeatable.
     #[arg(long = "workload", value_name = "NETNS_PATH=NAMESPACE/NAME")]
     workloads: Vec<telemetry::workload::WorkloadSpec>,
+    /// How often bytes of open connections are added to
+    /// istio_tcp_sent_bytes_total/istio_tcp_received_bytes_total (the rest
+    /// at close), in milliseconds.
+    #[arg(long, env = "KMESH_TCP_REPORTING_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    tcp_reporting_interval_ms: u64,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -349,6 +354,9 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             accesslog: args.telemetry.accesslog,
             accesslog_format: args.telemetry.accesslog_format,
             monitoring: !args.telemetry.no_monitoring,
+            tcp_reporting_interval: std::time::Duration::from_millis(
+                args.telemetry.tcp_reporting_interval_ms,
+            ),
             ..Default::default()
         },
     )?;
