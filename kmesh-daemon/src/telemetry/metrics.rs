@@ -89,12 +89,15 @@ struct OpenConn {
 const MISSING_READS: u8 = 3;
 
 /// The named workloads at the (source, destination) ends of a connection:
-/// the reporting pod by its netns cookie, the peer by its address.
+/// the reporting pod by its netns cookie (or its own address), the peer by
+/// its address.
 pub fn workloads<'a>(
     c: &Connection,
     wl: &'a Workloads,
 ) -> (Option<&'a Workload>, Option<&'a Workload>) {
-    let me = wl.by_cookie(c.netns_cookie);
+    let me = wl
+        .by_cookie(c.netns_cookie)
+        .or_else(|| wl.by_ip(c.local.ip()));
     let peer = wl.by_ip(c.remote.ip());
     match c.direction {
         Direction::Outbound => (me, peer),
@@ -123,36 +126,47 @@ pub fn istio_labels(c: &Connection, id: &Identity, wl: &Workloads) -> LabelValue
         None => (u(), PASSTHROUGH.to_string(), u()),
     };
     let (src_w, dst_w) = workloads(c, wl);
-    let name = |w: Option<&Workload>| w.map_or_else(u, |w| w.name.clone());
-    let ns = |w: Option<&Workload>| w.map_or_else(u, |w| w.namespace.clone());
+    let field = |w: Option<&Workload>, f: fn(&Workload) -> Option<&String>| {
+        w.and_then(f).map_or_else(u, String::clone)
+    };
+    let name = |w| field(w, |w| Some(&w.name));
+    let ns = |w| field(w, |w| Some(&w.namespace));
+    let canonical = |w| field(w, |w| Some(&w.canonical_service));
+    // Istio's default canonical revision, also for unknown workloads.
+    let revision =
+        |w: Option<&Workload>| w.map_or_else(|| "latest".into(), |w| w.canonical_revision.clone());
+    let principal = |w| field(w, |w| w.principal.as_ref());
+    let app = |w| field(w, |w| w.app.as_ref());
+    let version = |w| field(w, |w| w.version.as_ref());
     let (reporter, security) = match c.direction {
         // No mTLS in this dataplane: the destination sees plaintext; the
         // source cannot know what the peer enforces.
         Direction::Outbound => ("source", UNKNOWN),
         Direction::Inbound => ("destination", "none"),
     };
+    // Workloads are known from Kubernetes or when named with --workload;
+    // the principal is the pod's service account identity (from
+    // Kubernetes; this dataplane does no mTLS that would prove it).
     [
         reporter.into(),
-        // Workloads are known when named with --workload; the canonical
-        // service defaults to the workload name, as in Istio without labels.
         name(src_w),
-        name(src_w),
-        "latest".into(), // Istio's default canonical revision
+        canonical(src_w),
+        revision(src_w),
         ns(src_w),
-        u(), // source_principal: no mTLS identities
-        u(),
-        u(),
+        principal(src_w),
+        app(src_w),
+        version(src_w),
         u(),
         name(dst_w),
         ns(dst_w),
-        u(),
-        u(),
-        u(),
+        principal(dst_w),
+        app(dst_w),
+        version(dst_w),
         service,
         svc_name,
         namespace,
-        name(dst_w),
-        "latest".into(),
+        canonical(dst_w),
+        revision(dst_w),
         u(),
         "tcp".into(),
         "-".into(),
@@ -456,6 +470,38 @@ static_resources:
         assert_eq!(get(&l, "source_workload_namespace"), "shop");
         assert_eq!(get(&l, "destination_workload"), "web-v1");
         assert_eq!(get(&l, "destination_canonical_service"), "web-v1");
+        assert_eq!(get(&l, "destination_principal"), UNKNOWN);
+
+        // Kubernetes identities: the reporting pod found by its own
+        // address, principal, canonical service/revision, app and version.
+        let mut kube = Workloads::default();
+        let mut client = Workload::named("shop", "client");
+        client.principal = Some("spiffe://cluster.local/ns/shop/sa/client".into());
+        kube.insert(None, &["10.244.0.2".parse().unwrap()], client);
+        let mut web = Workload::named("shop", "web-v1");
+        web.canonical_service = "web".into();
+        web.canonical_revision = "v1".into();
+        web.app = Some("web".into());
+        web.version = Some("v1".into());
+        web.principal = Some("spiffe://cluster.local/ns/shop/sa/web".into());
+        kube.insert(None, &[backend], web);
+        let mut c = c;
+        c.netns_cookie = 42;
+        let l = istio_labels(&c, &id, &kube);
+        assert_eq!(get(&l, "source_workload"), "client");
+        assert_eq!(
+            get(&l, "source_principal"),
+            "spiffe://cluster.local/ns/shop/sa/client"
+        );
+        assert_eq!(
+            get(&l, "destination_principal"),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(get(&l, "destination_canonical_service"), "web");
+        assert_eq!(get(&l, "destination_canonical_revision"), "v1");
+        assert_eq!(get(&l, "destination_app"), "web");
+        assert_eq!(get(&l, "destination_version"), "v1");
+        assert_eq!(get(&l, "source_canonical_revision"), "latest");
     }
 
     #[test]

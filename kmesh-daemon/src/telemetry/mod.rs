@@ -19,6 +19,7 @@ pub mod event;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;
+pub mod pods;
 pub mod server;
 pub mod workload;
 
@@ -115,6 +116,8 @@ pub struct Telemetry {
     format: accesslog::Format,
     identity: RwLock<Identity>,
     workloads: RwLock<workload::Workloads>,
+    /// Workloads named on the command line (they win over Kubernetes').
+    named: Mutex<Vec<(u64, Vec<std::net::IpAddr>, workload::Workload)>>,
     tcp: Mutex<TcpMetrics>,
     sink: Mutex<Sink>,
     kernel: kernel::KernelMetrics,
@@ -183,6 +186,7 @@ impl Telemetry {
             format: opts.accesslog_format,
             identity: RwLock::new(Identity::default()),
             workloads: RwLock::new(workload::Workloads::default()),
+            named: Mutex::new(Vec::new()),
             tcp: Mutex::new(TcpMetrics::default()),
             sink: Mutex::new(opts.sink.unwrap_or_else(|| Box::new(std::io::stdout()))),
             kernel: kernel::KernelMetrics::new(counters, dp.all_program_ids()),
@@ -251,7 +255,25 @@ impl Telemetry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(Some(cookie), &ips, spec.workload.clone());
+        self.named.lock().unwrap_or_else(|p| p.into_inner()).push((
+            cookie,
+            ips.clone(),
+            spec.workload.clone(),
+        ));
         Ok(ips)
+    }
+
+    /// Replaces the workloads known from Kubernetes (pod addresses and
+    /// identities); names from `--workload` stay and win. O(pods).
+    pub fn set_kubernetes_workloads(&self, pods: &[(Vec<std::net::IpAddr>, workload::Workload)]) {
+        let mut table = workload::Workloads::default();
+        for (ips, w) in pods {
+            table.insert(None, ips, w.clone());
+        }
+        for (cookie, ips, w) in self.named.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            table.insert(Some(*cookie), ips, w.clone());
+        }
+        *self.workloads.write().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
     pub fn accesslog_enabled(&self) -> bool {
