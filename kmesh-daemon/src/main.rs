@@ -423,8 +423,11 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     if let Some(de) = dual {
         let mut authz = kmesh_daemon::authz::Authz::load(dp.ebpf_mut())?;
         authz.write(&de.authz)?;
+        let by_workload =
+            std::sync::Arc::new(kmesh_daemon::authz::DecisionsByWorkload::new(&de.config));
         let log =
-            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?;
+            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?
+                .counting(by_workload.clone());
         tokio::spawn(log.run());
         for (path, _) in &cookies {
             let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface)?;
@@ -440,6 +443,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             Some(kmesh_daemon::authz::DualEngineState {
                 config: de.config,
                 authz,
+                by_workload,
             });
     }
     dp.attach(&cgroup)?;
