@@ -431,3 +431,93 @@ fn bytes_of_open_connections_grow_before_close_and_count_once() {
     assert_eq!(exposed(&t, "istio_tcp_received_bytes_total"), 5 + 24);
     drop(rt);
 }
+
+/// A pod as the API server describes it: a Deployment's pod with labels,
+/// a service account and an address.
+fn k8s_pod(
+    ns: &str,
+    deployment: &str,
+    sa: &str,
+    ip: std::net::Ipv4Addr,
+) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{deployment}-6d5f8-x1"), "namespace": ns,
+            "labels": {"app": deployment, "version": "v2", "pod-template-hash": "6d5f8"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": format!("{deployment}-6d5f8"), "uid": "rs", "controller": true}]},
+        "spec": {"serviceAccountName": sa, "containers": []},
+        "status": {"podIP": ip.to_string()}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn kubernetes_identities_label_real_connections() {
+    let mut m = mesh(1, &[]);
+    let rt = runtime();
+    let lines = Lines::default();
+    let t = rt
+        .block_on(async {
+            Telemetry::start(
+                &mut m.dp,
+                TelemetryOptions {
+                    accesslog: true,
+                    sink: Some(Box::new(lines.clone())),
+                    ..Default::default()
+                },
+            )
+        })
+        .unwrap();
+    let cfg = web_config(&m);
+    m.dp.apply(&cfg).unwrap();
+    t.set_config(&cfg);
+    // What the Kubernetes watch hands over: both pods, by address (the
+    // client is found by its socket's local address, not by a netns name).
+    let pods = [
+        k8s_pod("shop", "client", "shopper", m.client.ip4),
+        k8s_pod("shop", "web", "web-sa", m.servers[0].ip4),
+    ];
+    let ids: Vec<_> = pods
+        .iter()
+        .filter_map(|p| kmesh_daemon::telemetry::pods::workload_of(p, "cluster.local"))
+        .collect();
+    t.set_kubernetes_workloads(&ids);
+
+    let r = m.node.talk(&m.client, VIP.parse().unwrap(), 2, 10).unwrap();
+    assert_eq!(r.errors, 0, "{r:?}");
+    wait_for("two closes", || {
+        t.tcp_series().iter().map(|(_, c)| c.closed).sum::<u64>() == 2
+    });
+    let series = t.tcp_series();
+    assert_eq!(series.len(), 1);
+    let l = &series[0].0;
+    for (name, want) in [
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/shopper",
+        ),
+        ("source_canonical_service", "client"),
+        ("source_canonical_revision", "v2"),
+        ("destination_workload", "web"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/shop/sa/web-sa",
+        ),
+        ("destination_app", "web"),
+        ("destination_version", "v2"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+    ] {
+        assert_eq!(label(l, name), want, "{name}");
+    }
+    wait_for("two access log lines", || lines.lines().len() == 2);
+    for line in lines.lines() {
+        assert!(
+            line.contains("src.workload=client, src.namespace=shop, ")
+                && line.contains("dst.workload=web, dst.namespace=shop, "),
+            "{line}"
+        );
+    }
+    drop(rt);
+}

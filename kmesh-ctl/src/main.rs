@@ -410,10 +410,19 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             pod,
             action,
             output,
+        }
+        | Cmd::Authz {
+            pod,
+            action,
+            output,
         } => {
+            let path = match &cli.command {
+                Cmd::Accesslog { .. } => "/accesslog",
+                _ => "/authz",
+            };
             let (pod, action) = action_of(cli, pod, *action)?;
             let t = cli.target(pod.as_deref()).await?;
-            switch(&t, "/accesslog", action, *output).await.map(|_| ())
+            switch(&t, path, action, *output).await.map(|_| ())
         }
         Cmd::Monitoring {
             pod,
@@ -436,15 +445,6 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             } else {
                 switch(&t, "/monitoring", action, *output).await.map(|_| ())
             }
-        }
-        Cmd::Authz {
-            pod,
-            action,
-            output,
-        } => {
-            let (pod, action) = action_of(cli, pod, *action)?;
-            let t = cli.target(pod.as_deref()).await?;
-            switch(&t, "/authz", action, *output).await.map(|_| ())
         }
     }
 }
