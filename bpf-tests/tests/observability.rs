@@ -15,7 +15,7 @@ use std::{
 };
 
 use bpf_tests::http_get;
-use common::{bootstrap, workspace_bin, ClusterSpec, ListenerSpec, TESTPOD};
+use common::{bootstrap, workspace_bin, Bpffs, ClusterSpec, Daemon, ListenerSpec, TESTPOD};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -105,21 +105,142 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// Every `expr` of every panel target of a Grafana dashboard.
-fn panel_queries(path: &Path) -> Vec<(String, String)> {
+/// Which daemon mode a dashboard panel is about: panels under a row whose
+/// title says "(dual-engine mode)" need a dual-engine daemon; the others
+/// a kernel-native one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    KernelNative,
+    DualEngine,
+}
+
+/// `(mode, title, expr)` of every panel target of a Grafana dashboard.
+fn panel_queries(path: &Path) -> Vec<(Mode, String, String)> {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut out = Vec::new();
+    let mut mode = Mode::KernelNative;
     for p in v["panels"].as_array().expect("panels") {
+        let title = p["title"].as_str().unwrap().to_string();
+        if p["type"] == "row" {
+            mode = if title.contains("(dual-engine mode)") {
+                Mode::DualEngine
+            } else {
+                Mode::KernelNative
+            };
+            continue;
+        }
         for t in p["targets"].as_array().expect("targets") {
             out.push((
-                p["title"].as_str().unwrap().to_string(),
+                mode,
+                title.clone(),
                 t["expr"].as_str().expect("expr").to_string(),
             ));
         }
     }
     assert!(!out.is_empty(), "{} has no queries", path.display());
     out
+}
+
+/// Panels of the shipped dashboards for `mode` whose query returns no
+/// data; panics if `mode` has no panels at all.
+fn panels_without_data(prom: SocketAddr, mode: Mode) -> Vec<String> {
+    let mut empty = Vec::new();
+    let mut checked = 0;
+    for board in ["kmesh-service.json", "kmesh-dataplane.json"] {
+        for (m, title, expr) in panel_queries(&repo_root().join("deploy/grafana").join(board)) {
+            if m != mode {
+                continue;
+            }
+            checked += 1;
+            let result = prom_query(prom, &expr);
+            if result.as_array().is_none_or(|a| a.is_empty()) {
+                empty.push(format!("{board} / {title}: {expr}"));
+            }
+        }
+    }
+    assert!(checked > 0, "no dashboard panel for {mode:?}");
+    empty
+}
+
+/// `promtool check metrics` on the daemon's exposition must be clean.
+fn lint_metrics(promtool: &Path, metrics: SocketAddr) -> String {
+    let (code, body) = http_get(metrics, "/status/metric").unwrap();
+    assert_eq!(code, 200);
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(check.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let lint = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && lint.trim().is_empty(),
+        "promtool check metrics: {lint}\n{body}"
+    );
+    body
+}
+
+/// A real Prometheus with the shipped scrape config pointed at `metrics`,
+/// scraping every second; returns once it has scraped the daemon.
+fn start_prometheus(
+    scratch: &mut Scratch,
+    prometheus: &Path,
+    promtool: &Path,
+    metrics: SocketAddr,
+) -> SocketAddr {
+    let dir = scratch.dir.clone();
+    let shipped =
+        std::fs::read_to_string(repo_root().join("deploy/prometheus/prometheus.yml")).unwrap();
+    let prom_cfg = shipped
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("127.0.0.1:15020", &metrics.to_string());
+    assert_ne!(prom_cfg, shipped, "the shipped config changed shape");
+    std::fs::write(dir.join("prometheus.yml"), &prom_cfg).unwrap();
+    let ok = Command::new(promtool)
+        .args(["check", "config"])
+        .arg(dir.join("prometheus.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let prom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    scratch.children.push(
+        Command::new(prometheus)
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={prom}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Prometheus answers 503 until its storage is open.
+    wait_until("Prometheus ready", 60, || {
+        http_get(prom, "/-/ready").map(|r| r.0) == Some(200)
+    });
+    wait_until("Prometheus scraping the daemon", 60, || {
+        prom_query(prom, "up == 1")
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    });
+    prom
 }
 
 fn prom_query(prom: SocketAddr, q: &str) -> serde_json::Value {
@@ -276,75 +397,13 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
     assert_eq!(code, 0);
 
     // The exposition is clean for promtool's linter.
-    let (code, body) = http_get(metrics, "/status/metric").unwrap();
-    assert_eq!(code, 200);
+    let body = lint_metrics(&promtool, metrics);
     assert!(
         body.contains("istio_tcp_connections_opened_total{reporter=\"source\""),
         "{body}"
     );
-    let mut check = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(check.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
-    let out = check.wait_with_output().unwrap();
-    let lint = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && lint.trim().is_empty(),
-        "promtool check metrics: {lint}\n{body}"
-    );
 
-    // A real Prometheus with the shipped scrape config, pointed at this daemon.
-    let shipped =
-        std::fs::read_to_string(repo_root().join("deploy/prometheus/prometheus.yml")).unwrap();
-    let prom_cfg = shipped
-        .replace("scrape_interval: 15s", "scrape_interval: 1s")
-        .replace("127.0.0.1:15020", &metrics.to_string());
-    assert_ne!(prom_cfg, shipped, "the shipped config changed shape");
-    std::fs::write(dir.join("prometheus.yml"), &prom_cfg).unwrap();
-    let ok = Command::new(&promtool)
-        .args(["check", "config"])
-        .arg(dir.join("prometheus.yml"))
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stdout)
-    );
-    let prom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    scratch.children.push(
-        Command::new(&prometheus)
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address={prom}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    // Prometheus answers 503 until its storage is open.
-    wait_until("Prometheus ready", 60, || {
-        http_get(prom, "/-/ready").map(|r| r.0) == Some(200)
-    });
-    wait_until("Prometheus scraping the daemon", 60, || {
-        prom_query(prom, "up == 1")
-            .as_array()
-            .is_some_and(|a| !a.is_empty())
-    });
+    let prom = start_prometheus(&mut scratch, &prometheus, &promtool, metrics);
     // Traffic across several scrapes, so rates have two samples to work on.
     for _ in 0..4 {
         node.talk(&client, vip, 10, 100).unwrap();
@@ -381,15 +440,7 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
         .unwrap();
     assert!(total >= 10.0, "{total}");
 
-    let mut empty = Vec::new();
-    for board in ["kmesh-service.json", "kmesh-dataplane.json"] {
-        for (title, expr) in panel_queries(&repo_root().join("deploy/grafana").join(board)) {
-            let result = prom_query(prom, &expr);
-            if result.as_array().is_none_or(|a| a.is_empty()) {
-                empty.push(format!("{board} / {title}: {expr}"));
-            }
-        }
-    }
+    let empty = panels_without_data(prom, Mode::KernelNative);
     assert!(
         empty.is_empty(),
         "panels without data:\n{}",
@@ -417,4 +468,99 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach"), "{err}");
     drop(scratch);
+}
+
+/// The authorization panels, with a dual-engine daemon deciding real
+/// connections: allowed by an ALLOW policy, denied by a DENY policy.
+#[test]
+fn dual_engine_authorization_panels_have_data() {
+    bpf_tests::require_root();
+    let prometheus = require_tool("prometheus");
+    let promtool = require_tool("promtool");
+    let mut node = bpf_tests::Node::new("kmoa", Path::new(TESTPOD)).unwrap();
+    let client = node.add_pod("client").unwrap();
+    let other = node.add_pod("other").unwrap();
+    let srv = node.add_pod("srv0").unwrap();
+    node.serve(&srv, "srv0", &[srv.addr4(8080)]).unwrap();
+    let ip = |p: &bpf_tests::Pod| p.addr4(0).ip().to_string();
+    let cfg = format!(
+        r#"workloads:
+- {{name: client, namespace: frontend, serviceAccount: web, workloadIps: ["{c}"], node: local}}
+- {{name: other, namespace: frontend, serviceAccount: admin, workloadIps: ["{o}"]}}
+- {{name: db, namespace: backend, serviceAccount: db, workloadIps: ["{s}"]}}
+policies:
+- name: only-frontend
+  namespace: backend
+  scope: Namespace
+  action: Allow
+  rules:
+  - - - namespaces: [frontend]
+- name: no-admin
+  namespace: backend
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - principals: ["cluster.local/ns/frontend/sa/admin"]
+"#,
+        c = ip(&client),
+        o = ip(&other),
+        s = ip(&srv)
+    );
+    let bpffs = Bpffs::new("obsde");
+    let path = bpffs.write_config(&cfg);
+    let srv_ns = srv.netns_path.display().to_string();
+    let daemon = Daemon::start(
+        path,
+        &client,
+        &node.cgroup,
+        &bpffs.0,
+        &["--mode", "dual-engine", "--enroll-netns", &srv_ns],
+    );
+    let dir = std::env::temp_dir().join(format!("kmoa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut scratch = Scratch {
+        dir,
+        children: Vec::new(),
+    };
+
+    let traffic = || {
+        let r = node.connect(&client, srv.addr4(8080), 3).unwrap();
+        assert_eq!((r.count("srv0"), r.errors), (3, 0), "{r:?}");
+        let r = node
+            .connect_timeout(&other, srv.addr4(8080), 1, 300)
+            .unwrap();
+        assert_eq!((r.count("srv0"), r.errors), (0, 1), "denied: {r:?}");
+    };
+    traffic();
+    let body = lint_metrics(&promtool, daemon.metrics);
+    for series in [
+        "kmesh_authz_decisions_total{decision=\"denied_by_policy\"}",
+        "kmesh_authz_policy_decisions_total{policy=\"backend/no-admin\"}",
+        "kmesh_authz_workload_decisions_total{destination_workload=\"backend/db\",verdict=\"allow\"} 3",
+        "kmesh_authz_workload_decisions_total{destination_workload=\"backend/db\",verdict=\"deny\"}",
+    ] {
+        assert!(body.contains(series), "{series} missing:\n{body}");
+    }
+
+    let prom = start_prometheus(&mut scratch, &prometheus, &promtool, daemon.metrics);
+    for _ in 0..4 {
+        traffic();
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let empty = panels_without_data(prom, Mode::DualEngine);
+    assert!(
+        empty.is_empty(),
+        "authorization panels without data:\n{}",
+        empty.join("\n")
+    );
+    // Both outcomes and both policies are on the panels.
+    let outcomes = prom_query(
+        prom,
+        "sum by (decision) (kmesh_authz_decisions_total{decision=~\"allowed_by_policy|denied_by_policy\"}) > 0",
+    );
+    assert_eq!(outcomes.as_array().unwrap().len(), 2, "{outcomes}");
+    let policies = prom_query(prom, "kmesh_authz_policy_decisions_total > 0");
+    assert_eq!(policies.as_array().unwrap().len(), 2, "{policies}");
+    drop(scratch);
+    drop(daemon);
 }

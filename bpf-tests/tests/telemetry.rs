@@ -374,3 +374,150 @@ fn full_ring_buffer_drops_are_counted() {
         "{text}"
     );
 }
+
+/// The sum over series of one Istio metric family in the exposition.
+fn exposed(t: &Telemetry, family: &str) -> u64 {
+    t.render(None)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn bytes_of_open_connections_grow_before_close_and_count_once() {
+    let mut m = mesh(1, &[]);
+    let rt = runtime();
+    let t = rt
+        .block_on(async {
+            Telemetry::start(
+                &mut m.dp,
+                TelemetryOptions {
+                    tcp_reporting_interval: Duration::from_millis(200),
+                    ..Default::default()
+                },
+            )
+        })
+        .unwrap();
+    let cfg = web_config(&m);
+    m.dp.apply(&cfg).unwrap();
+    t.set_config(&cfg);
+
+    let mut held = m.node.hold(&m.client, VIP.parse().unwrap(), 1).unwrap();
+    wait_for("the connection opened", || {
+        exposed(&t, "istio_tcp_connections_opened_total") == 1
+    });
+    for k in 1..=3u64 {
+        // "probe-0\n" out, echoed back; the greeting "srv0\n" came first.
+        assert_eq!(held.check().unwrap(), 1);
+        wait_for(&format!("{} bytes sent reported while open", 8 * k), || {
+            exposed(&t, "istio_tcp_sent_bytes_total") == 8 * k
+        });
+        // Received bytes are read at the RTT sample of the ACK, before the
+        // echo it carries is queued: at least what came before.
+        let received = exposed(&t, "istio_tcp_received_bytes_total");
+        assert!(
+            (5 + 8 * (k - 1)..=5 + 8 * k).contains(&received),
+            "received {received} after {k} probes"
+        );
+        assert_eq!(exposed(&t, "istio_tcp_connections_closed_total"), 0);
+    }
+    drop(held);
+    wait_for("the connection closed", || {
+        exposed(&t, "istio_tcp_connections_closed_total") == 1
+    });
+    // Reported while open + the rest at close = exactly what was transferred.
+    assert_eq!(exposed(&t, "istio_tcp_sent_bytes_total"), 24);
+    assert_eq!(exposed(&t, "istio_tcp_received_bytes_total"), 5 + 24);
+    drop(rt);
+}
+
+/// A pod as the API server describes it: a Deployment's pod with labels,
+/// a service account and an address.
+fn k8s_pod(
+    ns: &str,
+    deployment: &str,
+    sa: &str,
+    ip: std::net::Ipv4Addr,
+) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{deployment}-6d5f8-x1"), "namespace": ns,
+            "labels": {"app": deployment, "version": "v2", "pod-template-hash": "6d5f8"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": format!("{deployment}-6d5f8"), "uid": "rs", "controller": true}]},
+        "spec": {"serviceAccountName": sa, "containers": []},
+        "status": {"podIP": ip.to_string()}
+    }))
+    .unwrap()
+}
+
+#[test]
+fn kubernetes_identities_label_real_connections() {
+    let mut m = mesh(1, &[]);
+    let rt = runtime();
+    let lines = Lines::default();
+    let t = rt
+        .block_on(async {
+            Telemetry::start(
+                &mut m.dp,
+                TelemetryOptions {
+                    accesslog: true,
+                    sink: Some(Box::new(lines.clone())),
+                    ..Default::default()
+                },
+            )
+        })
+        .unwrap();
+    let cfg = web_config(&m);
+    m.dp.apply(&cfg).unwrap();
+    t.set_config(&cfg);
+    // What the Kubernetes watch hands over: both pods, by address (the
+    // client is found by its socket's local address, not by a netns name).
+    let pods = [
+        k8s_pod("shop", "client", "shopper", m.client.ip4),
+        k8s_pod("shop", "web", "web-sa", m.servers[0].ip4),
+    ];
+    let ids: Vec<_> = pods
+        .iter()
+        .filter_map(|p| kmesh_daemon::telemetry::pods::workload_of(p, "cluster.local"))
+        .collect();
+    t.set_kubernetes_workloads(&ids);
+
+    let r = m.node.talk(&m.client, VIP.parse().unwrap(), 2, 10).unwrap();
+    assert_eq!(r.errors, 0, "{r:?}");
+    wait_for("two closes", || {
+        t.tcp_series().iter().map(|(_, c)| c.closed).sum::<u64>() == 2
+    });
+    let series = t.tcp_series();
+    assert_eq!(series.len(), 1);
+    let l = &series[0].0;
+    for (name, want) in [
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/shopper",
+        ),
+        ("source_canonical_service", "client"),
+        ("source_canonical_revision", "v2"),
+        ("destination_workload", "web"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/shop/sa/web-sa",
+        ),
+        ("destination_app", "web"),
+        ("destination_version", "v2"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+    ] {
+        assert_eq!(label(l, name), want, "{name}");
+    }
+    wait_for("two access log lines", || lines.lines().len() == 2);
+    for line in lines.lines() {
+        assert!(
+            line.contains("src.workload=client, src.namespace=shop, ")
+                && line.contains("dst.workload=web, dst.namespace=shop, "),
+            "{line}"
+        );
+    }
+    drop(rt);
+}

@@ -156,7 +156,9 @@ pub const TELEMETRY_CFG_MONITORING: u32 = 1;
 /// Per-connection state kept by the `sockops` program from ESTABLISHED to
 /// CLOSE, keyed by socket cookie in `KM_CONN`. Byte counters are the
 /// socket's own at ESTABLISHED, so the handshake's sequence number is not
-/// counted as data.
+/// counted as data. `acked`/`received` are the socket's counters at its
+/// last RTT sample while ESTABLISHED (no FIN counted yet): the daemon reads
+/// them to report bytes of open connections.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
@@ -179,6 +181,10 @@ pub struct ConnState {
     pub has_orig_dst: u8,
     /// Always zero.
     pub pad: u8,
+    /// `bytes_acked` at the last RTT sample while ESTABLISHED.
+    pub acked: u64,
+    /// `bytes_received` at the last RTT sample while ESTABLISHED.
+    pub received: u64,
 }
 
 /// One connection event, as the `sockops` program writes it into the
@@ -298,7 +304,7 @@ mod tests {
 
     #[test]
     fn conn_state_layout() {
-        assert_eq!(size_of::<ConnState>(), 56);
+        assert_eq!(size_of::<ConnState>(), 72);
         assert_eq!(align_of::<ConnState>(), 8);
         assert_eq!(offset_of!(ConnState, netns_cookie), 8);
         assert_eq!(offset_of!(ConnState, base_acked), 16);
@@ -308,6 +314,8 @@ mod tests {
         assert_eq!(offset_of!(ConnState, flags), 53);
         assert_eq!(offset_of!(ConnState, has_orig_dst), 54);
         assert_eq!(offset_of!(ConnState, pad), 55);
+        assert_eq!(offset_of!(ConnState, acked), 56);
+        assert_eq!(offset_of!(ConnState, received), 64);
     }
 
     #[test]

@@ -324,6 +324,61 @@ fn ip_of(ip: &AzIp) -> std::net::IpAddr {
 pub struct DualEngineState {
     pub config: xds_adapter::workload::LocalConfig,
     pub authz: Authz,
+    /// Decisions by destination workload, counted by the [`AccessLog`] task.
+    pub by_workload: std::sync::Arc<DecisionsByWorkload>,
+}
+
+/// Decisions per destination workload (`namespace/name`, `unknown` for an
+/// address no workload has) and verdict, counted from the decision events.
+/// A full event ring drops events, so these are a lower bound (the kernel's
+/// per-outcome and per-policy counters are exact). Series: workloads × 2.
+#[derive(Debug, Default)]
+pub struct DecisionsByWorkload {
+    names: std::collections::HashMap<std::net::IpAddr, String>,
+    counts: std::sync::Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+impl DecisionsByWorkload {
+    /// Names workload addresses from the local config.
+    pub fn new(cfg: &xds_adapter::workload::LocalConfig) -> Self {
+        let names = cfg
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                w.ips
+                    .iter()
+                    .map(move |ip| (*ip, format!("{}/{}", w.namespace, w.name)))
+            })
+            .collect();
+        DecisionsByWorkload {
+            names,
+            counts: Default::default(),
+        }
+    }
+
+    pub fn record(&self, d: &Decision) {
+        let w = self
+            .names
+            .get(&d.dst.ip())
+            .map_or("unknown", String::as_str);
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        match c.get_mut(&(w.to_string(), d.verdict)) {
+            Some(n) => *n += 1,
+            None => {
+                c.insert((w.to_string(), d.verdict), 1);
+            }
+        }
+    }
+
+    /// `((workload, verdict), count)`, sorted.
+    pub fn snapshot(&self) -> Vec<((String, &'static str), u64)> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
 }
 
 /// `/debug/config_dump/dual-engine`: the validated local config.
@@ -397,6 +452,7 @@ impl std::fmt::Display for Decision {
 pub struct AccessLog {
     ring: aya::maps::RingBuf<MapData>,
     policy_names: Vec<String>,
+    by_workload: Option<std::sync::Arc<DecisionsByWorkload>>,
 }
 
 impl AccessLog {
@@ -406,7 +462,14 @@ impl AccessLog {
         Ok(AccessLog {
             ring: take(ebpf, "KM_AZ_EVENTS")?,
             policy_names,
+            by_workload: None,
         })
+    }
+
+    /// Also counts every decision [`AccessLog::run`] reads into `c`.
+    pub fn counting(mut self, c: std::sync::Arc<DecisionsByWorkload>) -> Self {
+        self.by_workload = Some(c);
+        self
     }
 
     /// Every event waiting in the ring, oldest first. Does not block.
@@ -454,7 +517,11 @@ impl AccessLog {
         .map_err(|e| std::io::Error::other(e.to_string()))?;
         loop {
             let mut guard = fd.readable_mut().await?;
-            for d in guard.get_inner_mut().drain() {
+            let log = guard.get_inner_mut();
+            for d in log.drain() {
+                if let Some(c) = &log.by_workload {
+                    c.record(&d);
+                }
                 tracing::info!(target: "accesslog", "{d}");
             }
             guard.clear_ready();

@@ -155,6 +155,15 @@ struct TelemetryArgs {
     /// (without Kubernetes, workloads are otherwise "unknown"); repeatable.
     #[arg(long = "workload", value_name = "NETNS_PATH=NAMESPACE/NAME")]
     workloads: Vec<telemetry::workload::WorkloadSpec>,
+    /// How often bytes of open connections are added to
+    /// istio_tcp_sent_bytes_total/istio_tcp_received_bytes_total (the rest
+    /// at close), in milliseconds.
+    #[arg(long, env = "KMESH_TCP_REPORTING_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    tcp_reporting_interval_ms: u64,
+    /// Trust domain of workload principals (spiffe://<domain>/ns/<ns>/sa/<sa>),
+    /// with --kubernetes.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = telemetry::pods::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,12 +200,31 @@ fn main() -> ExitCode {
     }
 }
 
-/// Writes the Kubernetes-derived enrolled set into the running dataplane.
-struct EnrollmentSink(std::sync::Arc<AdminState>);
+/// Writes the Kubernetes-derived enrolled set into the running dataplane,
+/// and the pods' identities into telemetry.
+struct EnrollmentSink {
+    state: std::sync::Arc<AdminState>,
+    trust_domain: String,
+}
 
 impl kubernetes::EnrollSink for EnrollmentSink {
+    fn set_pods(&mut self, pods: &[std::sync::Arc<k8s_openapi::api::core::v1::Pod>]) {
+        if let Some(t) = self.state.telemetry.get() {
+            let ids: Vec<_> = pods
+                .iter()
+                .filter_map(|p| telemetry::pods::workload_of(p, &self.trust_domain))
+                .collect();
+            tracing::debug!(workloads = ids.len(), "pod identities from Kubernetes");
+            t.set_kubernetes_workloads(&ids);
+        }
+    }
+
     fn set_enrolled(&mut self, cookies: &BTreeSet<u64>) -> Result<(), String> {
-        let mut dp = self.0.dataplane.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dp = self
+            .state
+            .dataplane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         match dp.as_mut() {
             Some(dp) => dp.set_enrolled(cookies).map_err(|e| e.to_string()),
             None => Err("dataplane not loaded".into()),
@@ -369,6 +397,9 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             accesslog: args.telemetry.accesslog,
             accesslog_format: args.telemetry.accesslog_format,
             monitoring: !args.telemetry.no_monitoring,
+            tcp_reporting_interval: std::time::Duration::from_millis(
+                args.telemetry.tcp_reporting_interval_ms,
+            ),
             ..Default::default()
         },
     )?;
@@ -412,8 +443,11 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     if let Some(de) = dual {
         let mut authz = kmesh_daemon::authz::Authz::load(dp.ebpf_mut())?;
         authz.write(&de.authz)?;
+        let by_workload =
+            std::sync::Arc::new(kmesh_daemon::authz::DecisionsByWorkload::new(&de.config));
         let log =
-            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?;
+            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?
+                .counting(by_workload.clone());
         tokio::spawn(log.run());
         for (path, _) in &cookies {
             let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface)?;
@@ -429,6 +463,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             Some(kmesh_daemon::authz::DualEngineState {
                 config: de.config,
                 authz,
+                by_workload,
             });
     }
     dp.attach(&cgroup)?;
@@ -461,7 +496,10 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         let client = kube::Client::try_default()
             .await
             .context("Kubernetes client (in-cluster config or KUBECONFIG)")?;
-        let sink = EnrollmentSink(state.clone());
+        let sink = EnrollmentSink {
+            state: state.clone(),
+            trust_domain: args.telemetry.trust_domain.clone(),
+        };
         let resolver = HostResolver::new(args.host_proc.clone());
         tracing::info!(node, "enrolling pods from Kubernetes");
         tokio::spawn(async move {

@@ -1,6 +1,6 @@
 //! The Kubernetes enrollment watch logic against a fake API server: list +
 //! watch of pods (field-selected to this node) and namespaces over HTTP, as
-//! kube's watcher speaks it. No real API server can run here; the netns
+//! kube's watcher speaks it; pod identities for telemetry from the same watch. No real API server can run here; the netns
 //! side is tested for real in bpf-tests.
 
 use std::{
@@ -17,7 +17,10 @@ use axum::{
     Router,
 };
 use futures::StreamExt;
-use kmesh_daemon::enroll::kubernetes::{run, EnrollSink, NetnsResolver};
+use kmesh_daemon::{
+    enroll::kubernetes::{run, EnrollSink, NetnsResolver},
+    telemetry::{pods::workload_of, workload::Workload},
+};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -119,14 +122,29 @@ fn tokio_stream_from(
     })
 }
 
-/// Records every set written; resolves pod UIDs `uN` to cookie N.
+/// Records every set written and the latest pod identities (by address);
+/// resolves pod UIDs `uN` to cookie N.
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<BTreeSet<u64>>>>);
+struct Recorder(
+    Arc<Mutex<Vec<BTreeSet<u64>>>>,
+    Arc<Mutex<BTreeMap<std::net::IpAddr, Workload>>>,
+);
 
 impl EnrollSink for Recorder {
     fn set_enrolled(&mut self, cookies: &BTreeSet<u64>) -> Result<(), String> {
         self.0.lock().unwrap().push(cookies.clone());
         Ok(())
+    }
+    fn set_pods(&mut self, pods: &[Arc<k8s_openapi::api::core::v1::Pod>]) {
+        let mut ids = self.1.lock().unwrap();
+        ids.clear();
+        for p in pods {
+            if let Some((ips, w)) = workload_of(p, "mesh.example") {
+                for ip in ips {
+                    ids.insert(ip, w.clone());
+                }
+            }
+        }
     }
 }
 
@@ -248,6 +266,51 @@ async fn enrollment_follows_labels_pods_and_namespaces() {
         false,
     );
     fake.put("pods", pod("p6", 6, "apps", "node1", |_| {}), false);
+    wait_for(&rec, set(&[3, 6, 900])).await;
+    // Pod identities follow the watch: a Deployment's pod with labels and
+    // a service account, by address.
+    fake.put(
+        "pods",
+        pod("web-7f9c4d-abcde", 7, "apps", "node1", |p| {
+            p["metadata"]["labels"] = json!({"app": "web", "version": "v3", "pod-template-hash": "7f9c4d"});
+            p["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "web-7f9c4d", "uid": "rs", "controller": true}]);
+            p["spec"]["serviceAccountName"] = json!("web-sa");
+            p["status"]["podIP"] = json!("10.244.0.7");
+        }),
+        false,
+    );
+    let ip: std::net::IpAddr = "10.244.0.7".parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rec.1.lock().unwrap().contains_key(&ip) {
+        assert!(
+            Instant::now() < deadline,
+            "no identity for {ip}: {:?}",
+            rec.1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let w = rec.1.lock().unwrap()[&ip].clone();
+    assert_eq!((w.namespace.as_str(), w.name.as_str()), ("apps", "web"));
+    assert_eq!(
+        (w.canonical_service.as_str(), w.canonical_revision.as_str()),
+        ("web", "v3")
+    );
+    assert_eq!(
+        w.principal.as_deref(),
+        Some("spiffe://mesh.example/ns/apps/sa/web-sa")
+    );
+    wait_for(&rec, set(&[3, 6, 7, 900])).await;
+    fake.put(
+        "pods",
+        pod("web-7f9c4d-abcde", 7, "apps", "node1", |_| {}),
+        true,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rec.1.lock().unwrap().contains_key(&ip) {
+        assert!(Instant::now() < deadline, "identity of a deleted pod kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     wait_for(&rec, set(&[3, 6, 900])).await;
     // Removing the namespace label takes its pods out.
     fake.put("namespaces", ns("apps", None), false);

@@ -9,6 +9,9 @@
 //!   number is not reported as a data byte); when the peer may still send a
 //!   FIN while this side closes (FIN_WAIT1/2), also ask for a header callback
 //!   per received segment, to see that FIN exactly.
+//! - RTT samples (an ACK of new data) while ESTABLISHED: copy the socket's
+//!   byte counters into the state, where the daemon reads the progress of
+//!   open connections.
 //! - CLOSE: emit a `CLOSE` event with the socket's final counters (bytes
 //!   acked/received since ESTABLISHED, retransmits, srtt) and delete the
 //!   state (and the socket's `KM_ORIGDST` entry), so nothing stays behind
@@ -19,13 +22,15 @@
 //! for them). Tracked sockets pay one LRU update at ESTABLISHED, one lookup
 //! per state change (about five per connection), one ring-buffer write at
 //! open and at close; per-segment callbacks only between this side's FIN
-//! and CLOSE. Needs Linux 5.15 (`bpf_get_netns_cookie` in sock_ops) and
+//! and CLOSE; one lookup and two stores per RTT sample (at most one per
+//! ACK received). Needs Linux 5.15 (`bpf_get_netns_cookie` in sock_ops) and
 //! 5.10 (header callbacks).
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
         BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1, BPF_TCP_LAST_ACK,
     },
@@ -80,6 +85,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, DIR_INBOUND),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB => on_segment(&ctx),
+        BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
         _ => {}
     }
     1
@@ -123,15 +129,22 @@ fn on_established(ctx: &SockOpsContext, direction: u8) {
     // connect programs saw for this socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let ops = ctx.ops;
+    // SAFETY: context reads of fields sock_ops may read (full socket at
+    // ESTABLISHED); the u64 counters with one 8-byte load each.
+    let (acked, received) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).bytes_acked)),
+            read_volatile(addr_of!((*ops).bytes_received)),
+        )
+    };
     let mut state = ConnState {
         // SAFETY: helper without preconditions.
         start_ns: unsafe { bpf_ktime_get_ns() },
         netns_cookie: netns,
-        // SAFETY: context reads of fields sock_ops may read (full socket
-        // at ESTABLISHED); the u64 counters with one 8-byte load each.
-        base_acked: unsafe { read_volatile(addr_of!((*ops).bytes_acked)) },
-        // SAFETY: as above.
-        base_received: unsafe { read_volatile(addr_of!((*ops).bytes_received)) },
+        base_acked: acked,
+        base_received: received,
+        acked,
+        received,
         direction,
         ..ConnState::default()
     };
@@ -159,8 +172,11 @@ fn on_established(ctx: &SockOpsContext, direction: u8) {
         );
     }
     count(telemetry::CONN_OPENED);
-    // Callbacks on state changes of this socket only (the flag lives in the socket).
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // Callbacks on state changes and RTT samples of this socket only (the
+    // flags live in the socket).
+    let _ = ctx.set_cb_flags(
+        (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32,
+    );
     emit(ctx, cookie, &state, EVENT_OPEN);
 }
 
@@ -231,6 +247,42 @@ fn on_state_change(ctx: &SockOpsContext) {
     // for LRU eviction.
     if state.has_orig_dst != 0 {
         let _ = KM_ORIGDST.remove(&cookie);
+    }
+}
+
+/// An RTT sample: new data was acked. Copies the byte counters while the
+/// connection is ESTABLISHED (before any FIN, which takes a sequence number
+/// but is not data); what follows the first FIN is settled by the CLOSE
+/// event. `received` lags by the data of the segment carrying this ACK
+/// (the ACK is processed before its payload is queued), and a side that
+/// only receives has no RTT samples: its progress shows at the next sample
+/// or at close.
+#[inline(always)]
+fn on_rtt(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    // SAFETY: u32 context read.
+    if unsafe { read_volatile(addr_of!((*ops).state)) } != BPF_TCP_ESTABLISHED {
+        return;
+    }
+    // SAFETY: helper allowed for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(state) = KM_CONN.get_ptr_mut(&cookie) else {
+        return;
+    };
+    // SAFETY: 8-byte context reads of the u64 counters (full socket: RTT
+    // callbacks are made on full sockets).
+    let (acked, received) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).bytes_acked)),
+            read_volatile(addr_of!((*ops).bytes_received)),
+        )
+    };
+    // SAFETY: pointer from a successful lookup; callbacks of one socket are
+    // serialised by the socket lock. The daemon reads the entry without
+    // that lock: each u64 is stored whole, so it sees an old or a new value.
+    unsafe {
+        (*state).acked = acked;
+        (*state).received = received;
     }
 }
 

@@ -29,6 +29,9 @@ use super::{locate, policy};
 /// Where the computed set goes (the dataplane, or a recorder in tests).
 pub trait EnrollSink: Send {
     fn set_enrolled(&mut self, cookies: &BTreeSet<u64>) -> Result<(), String>;
+    /// The pods of this node, after each change once the initial list is
+    /// complete (for workload identities in telemetry).
+    fn set_pods(&mut self, _pods: &[std::sync::Arc<Pod>]) {}
 }
 
 /// Finds the netns cookie of a pod by UID.
@@ -160,10 +163,14 @@ pub async fn run<S: EnrollSink, R: NetnsResolver>(
     let (mut pods_ready, mut ns_ready) = (false, false);
     let mut last: Option<BTreeSet<u64>> = None;
     while let Some(tick) = events.next().await {
+        let pods_changed = matches!(tick, Tick::Pods(_));
         match tick {
             Tick::Pods(init_done) => pods_ready |= init_done,
             Tick::Namespaces(init_done) => ns_ready |= init_done,
             Tick::Resync => {}
+        }
+        if pods_ready && (pods_changed || last.is_none()) {
+            sink.set_pods(&pods.state());
         }
         if !(pods_ready && ns_ready) {
             continue;

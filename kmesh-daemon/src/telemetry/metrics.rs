@@ -5,7 +5,11 @@
 //! config-level names (services, clusters), never of addresses or ports,
 //! so the number of series is bounded by the config, not by traffic.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt::Write as _,
+    sync::Arc,
+};
 
 use super::{
     event::{Connection, Direction, Kind},
@@ -55,19 +59,45 @@ pub struct TcpCounters {
     pub received_bytes: u64,
 }
 
-/// The Istio TCP metrics, per label set.
+/// The Istio TCP metrics, per label set, and the bytes already reported
+/// for each open connection.
+///
+/// Bytes of open connections are reported as they flow ([`Self::progress`],
+/// from the kernel's per-connection state); the CLOSE event then adds only
+/// what was not reported yet, so a connection's bytes are counted once.
 #[derive(Debug, Default)]
 pub struct TcpMetrics {
-    series: BTreeMap<LabelValues, TcpCounters>,
+    series: BTreeMap<Arc<LabelValues>, TcpCounters>,
+    /// Socket cookie → the open connection's series and bytes reported.
+    /// Bounded by the kernel's connection table (`MAX_CONNS`): entries go
+    /// at CLOSE, or by [`Self::forget_closed`] when a CLOSE event was lost.
+    open: HashMap<u64, OpenConn>,
 }
 
+#[derive(Debug)]
+struct OpenConn {
+    labels: Arc<LabelValues>,
+    sent: u64,
+    received: u64,
+    /// Consecutive progress reads that did not find the connection.
+    missing: u8,
+}
+
+/// Reads without the connection before its entry is dropped: a CLOSE
+/// event is read from the ring buffer within milliseconds, so three
+/// reporting intervals without the connection mean its CLOSE was lost.
+const MISSING_READS: u8 = 3;
+
 /// The named workloads at the (source, destination) ends of a connection:
-/// the reporting pod by its netns cookie, the peer by its address.
+/// the reporting pod by its netns cookie (or its own address), the peer by
+/// its address.
 pub fn workloads<'a>(
     c: &Connection,
     wl: &'a Workloads,
 ) -> (Option<&'a Workload>, Option<&'a Workload>) {
-    let me = wl.by_cookie(c.netns_cookie);
+    let me = wl
+        .by_cookie(c.netns_cookie)
+        .or_else(|| wl.by_ip(c.local.ip()));
     let peer = wl.by_ip(c.remote.ip());
     match c.direction {
         Direction::Outbound => (me, peer),
@@ -96,36 +126,47 @@ pub fn istio_labels(c: &Connection, id: &Identity, wl: &Workloads) -> LabelValue
         None => (u(), PASSTHROUGH.to_string(), u()),
     };
     let (src_w, dst_w) = workloads(c, wl);
-    let name = |w: Option<&Workload>| w.map_or_else(u, |w| w.name.clone());
-    let ns = |w: Option<&Workload>| w.map_or_else(u, |w| w.namespace.clone());
+    let field = |w: Option<&Workload>, f: fn(&Workload) -> Option<&String>| {
+        w.and_then(f).map_or_else(u, String::clone)
+    };
+    let name = |w| field(w, |w| Some(&w.name));
+    let ns = |w| field(w, |w| Some(&w.namespace));
+    let canonical = |w| field(w, |w| Some(&w.canonical_service));
+    // Istio's default canonical revision, also for unknown workloads.
+    let revision =
+        |w: Option<&Workload>| w.map_or_else(|| "latest".into(), |w| w.canonical_revision.clone());
+    let principal = |w| field(w, |w| w.principal.as_ref());
+    let app = |w| field(w, |w| w.app.as_ref());
+    let version = |w| field(w, |w| w.version.as_ref());
     let (reporter, security) = match c.direction {
         // No mTLS in this dataplane: the destination sees plaintext; the
         // source cannot know what the peer enforces.
         Direction::Outbound => ("source", UNKNOWN),
         Direction::Inbound => ("destination", "none"),
     };
+    // Workloads are known from Kubernetes or when named with --workload;
+    // the principal is the pod's service account identity (from
+    // Kubernetes; this dataplane does no mTLS that would prove it).
     [
         reporter.into(),
-        // Workloads are known when named with --workload; the canonical
-        // service defaults to the workload name, as in Istio without labels.
         name(src_w),
-        name(src_w),
-        "latest".into(), // Istio's default canonical revision
+        canonical(src_w),
+        revision(src_w),
         ns(src_w),
-        u(), // source_principal: no mTLS identities
-        u(),
-        u(),
+        principal(src_w),
+        app(src_w),
+        version(src_w),
         u(),
         name(dst_w),
         ns(dst_w),
-        u(),
-        u(),
-        u(),
+        principal(dst_w),
+        app(dst_w),
+        version(dst_w),
         service,
         svc_name,
         namespace,
-        name(dst_w),
-        "latest".into(),
+        canonical(dst_w),
+        revision(dst_w),
         u(),
         "tcp".into(),
         "-".into(),
@@ -134,25 +175,92 @@ pub fn istio_labels(c: &Connection, id: &Identity, wl: &Workloads) -> LabelValue
 }
 
 impl TcpMetrics {
+    /// The series of `labels` (created at zero), and its shared key.
+    fn series_mut(&mut self, labels: LabelValues) -> (Arc<LabelValues>, &mut TcpCounters) {
+        let key = match self.series.get_key_value(&labels) {
+            Some((k, _)) => k.clone(),
+            None => Arc::new(labels),
+        };
+        (key.clone(), self.series.entry(key).or_default())
+    }
+
     pub fn record(&mut self, c: &Connection, id: &Identity, wl: &Workloads) {
-        let e = self.series.entry(istio_labels(c, id, wl)).or_default();
+        let labels = istio_labels(c, id, wl);
         match c.kind {
-            Kind::Open => e.opened += 1,
+            Kind::Open => {
+                let (labels, e) = self.series_mut(labels);
+                e.opened += 1;
+                self.open.insert(
+                    c.sock_cookie,
+                    OpenConn {
+                        labels,
+                        sent: 0,
+                        received: 0,
+                        missing: 0,
+                    },
+                );
+            }
             Kind::Close => {
+                let (sent, received) = self
+                    .open
+                    .remove(&c.sock_cookie)
+                    .map_or((0, 0), |o| (o.sent, o.received));
+                let (_, e) = self.series_mut(labels);
                 e.closed += 1;
-                e.sent_bytes += c.bytes_sent;
-                e.received_bytes += c.bytes_received;
+                e.sent_bytes += c.bytes_sent.saturating_sub(sent);
+                e.received_bytes += c.bytes_received.saturating_sub(received);
             }
         }
     }
 
+    /// Bytes an open connection has sent and received so far (totals since
+    /// it was established): the growth since the last report is added to
+    /// its series. Unknown cookies (OPEN not seen) are left to the CLOSE.
+    pub fn progress(&mut self, sock_cookie: u64, sent: u64, received: u64) {
+        let Some(o) = self.open.get_mut(&sock_cookie) else {
+            return;
+        };
+        o.missing = 0;
+        let (ds, dr) = (
+            sent.saturating_sub(o.sent),
+            received.saturating_sub(o.received),
+        );
+        if ds == 0 && dr == 0 {
+            return;
+        }
+        o.sent += ds;
+        o.received += dr;
+        if let Some(e) = self.series.get_mut(&o.labels) {
+            e.sent_bytes += ds;
+            e.received_bytes += dr;
+        }
+    }
+
+    /// Drops open connections not `live` in the kernel for several reads
+    /// in a row (their CLOSE event was lost, or monitoring was switched off).
+    pub fn forget_closed(&mut self, live: &HashSet<u64>) {
+        self.open.retain(|cookie, o| {
+            if live.contains(cookie) {
+                o.missing = 0;
+                return true;
+            }
+            o.missing += 1;
+            o.missing < MISSING_READS
+        });
+    }
+
+    /// Open connections being reported.
+    pub fn open_connections(&self) -> usize {
+        self.open.len()
+    }
+
     pub fn series(&self) -> impl Iterator<Item = (&LabelValues, &TcpCounters)> {
-        self.series.iter()
+        self.series.iter().map(|(k, v)| (&**k, v))
     }
 
     /// Writes the four Istio TCP metric families. Byte counters are the
-    /// sending/receiving side's totals of closed connections (they move at
-    /// close, not while a connection is open).
+    /// reporting side's bytes, of open connections as reported so far and
+    /// of closed ones in full.
     pub fn render(&self, out: &mut String) {
         type Get = fn(&TcpCounters) -> u64;
         let families: [(&str, &str, Get); 4] = [
@@ -168,18 +276,18 @@ impl TcpMetrics {
             ),
             (
                 "istio_tcp_sent_bytes_total",
-                "Total bytes sent by the reporting side of closed TCP connections.",
+                "Total bytes sent by the reporting side of TCP connections (open ones as they flow).",
                 |c| c.sent_bytes,
             ),
             (
                 "istio_tcp_received_bytes_total",
-                "Total bytes received by the reporting side of closed TCP connections.",
+                "Total bytes received by the reporting side of TCP connections (open ones as they flow).",
                 |c| c.received_bytes,
             ),
         ];
         for (name, help, get) in families {
             header(out, name, help, "counter");
-            for (labels, c) in &self.series {
+            for (labels, c) in self.series() {
                 let pairs: Vec<(&str, &str)> = ISTIO_LABELS
                     .iter()
                     .copied()
@@ -362,6 +470,80 @@ static_resources:
         assert_eq!(get(&l, "source_workload_namespace"), "shop");
         assert_eq!(get(&l, "destination_workload"), "web-v1");
         assert_eq!(get(&l, "destination_canonical_service"), "web-v1");
+        assert_eq!(get(&l, "destination_principal"), UNKNOWN);
+
+        // Kubernetes identities: the reporting pod found by its own
+        // address, principal, canonical service/revision, app and version.
+        let mut kube = Workloads::default();
+        let mut client = Workload::named("shop", "client");
+        client.principal = Some("spiffe://cluster.local/ns/shop/sa/client".into());
+        kube.insert(None, &["10.244.0.2".parse().unwrap()], client);
+        let mut web = Workload::named("shop", "web-v1");
+        web.canonical_service = "web".into();
+        web.canonical_revision = "v1".into();
+        web.app = Some("web".into());
+        web.version = Some("v1".into());
+        web.principal = Some("spiffe://cluster.local/ns/shop/sa/web".into());
+        kube.insert(None, &[backend], web);
+        let mut c = c;
+        c.netns_cookie = 42;
+        let l = istio_labels(&c, &id, &kube);
+        assert_eq!(get(&l, "source_workload"), "client");
+        assert_eq!(
+            get(&l, "source_principal"),
+            "spiffe://cluster.local/ns/shop/sa/client"
+        );
+        assert_eq!(
+            get(&l, "destination_principal"),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(get(&l, "destination_canonical_service"), "web");
+        assert_eq!(get(&l, "destination_canonical_revision"), "v1");
+        assert_eq!(get(&l, "destination_app"), "web");
+        assert_eq!(get(&l, "destination_version"), "v1");
+        assert_eq!(get(&l, "source_canonical_revision"), "latest");
+    }
+
+    #[test]
+    fn bytes_of_open_connections_are_counted_once() {
+        let id = identity();
+        let wl = Workloads::default();
+        let mut c = conn(
+            Direction::Outbound,
+            "10.244.0.2:4000",
+            "10.244.0.3:8080",
+            Some("10.96.0.10:80"),
+        );
+        let mut m = TcpMetrics::default();
+        c.kind = Kind::Open;
+        m.record(&c, &id, &wl);
+        let bytes = |m: &TcpMetrics| {
+            let (_, s) = m.series().next().unwrap();
+            (s.sent_bytes, s.received_bytes)
+        };
+        m.progress(c.sock_cookie, 4, 7);
+        assert_eq!(bytes(&m), (4, 7));
+        m.progress(c.sock_cookie, 6, 7);
+        m.progress(99, 1000, 1000); // OPEN never seen: left to its CLOSE
+        assert_eq!(bytes(&m), (6, 7));
+        // CLOSE carries the totals (10, 20): only the rest is added.
+        c.kind = Kind::Close;
+        m.record(&c, &id, &wl);
+        assert_eq!(bytes(&m), (10, 20));
+        assert_eq!(m.open_connections(), 0);
+        // A progress read racing the CLOSE adds nothing.
+        m.progress(c.sock_cookie, 10, 20);
+        assert_eq!(bytes(&m), (10, 20));
+        // A connection whose CLOSE is lost is forgotten after some reads.
+        c.kind = Kind::Open;
+        c.sock_cookie = 3;
+        m.record(&c, &id, &wl);
+        let live = HashSet::new();
+        m.forget_closed(&live);
+        m.forget_closed(&live);
+        assert_eq!(m.open_connections(), 1);
+        m.forget_closed(&live);
+        assert_eq!(m.open_connections(), 0);
     }
 
     #[test]

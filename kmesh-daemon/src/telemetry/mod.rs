@@ -4,6 +4,8 @@
 //! ```text
 //! kernel sockops ──KM_EVENTS ring buffer──► reader task (AsyncFd) ──► TcpMetrics (Istio labels)
 //!                                                                 └─► access log (stdout, if enabled)
+//!        └──────KM_CONN (bytes at the last RTT sample)──► progress thread, every
+//!                        --tcp-reporting-interval-ms ──► TcpMetrics (bytes of open connections)
 //! /metrics scrape ──► Istio TCP metrics + kmesh_* (map entries/capacity, program run count/time,
 //!                     ring-buffer drops, connect counters, config applies)
 //! ```
@@ -17,6 +19,7 @@ pub mod event;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;
+pub mod pods;
 pub mod server;
 pub mod workload;
 
@@ -30,8 +33,10 @@ use std::{
     time::SystemTime,
 };
 
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use kmesh_abi::{TELEMETRY_CFG_FLAGS, TELEMETRY_CFG_LOG_LEVEL, TELEMETRY_CFG_MONITORING};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use kmesh_abi::{
+    ConnState, TELEMETRY_CFG_FLAGS, TELEMETRY_CFG_LOG_LEVEL, TELEMETRY_CFG_MONITORING,
+};
 use tokio::io::unix::AsyncFd;
 use xds_adapter::FlatConfig;
 
@@ -85,6 +90,9 @@ pub struct TelemetryOptions {
     /// Kernel log level (see [`crate::logging::kernel_level`]); lines go
     /// through aya-log into this process' `log`/`tracing` output.
     pub kernel_log_level: u32,
+    /// How often bytes of open connections are added to the Istio byte
+    /// counters (Istio's `tcp_reporting_duration`).
+    pub tcp_reporting_interval: std::time::Duration,
 }
 
 impl Default for TelemetryOptions {
@@ -95,6 +103,7 @@ impl Default for TelemetryOptions {
             monitoring: true,
             sink: None,
             kernel_log_level: crate::logging::KERNEL_LOG_DEFAULT,
+            tcp_reporting_interval: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -107,6 +116,8 @@ pub struct Telemetry {
     format: accesslog::Format,
     identity: RwLock<Identity>,
     workloads: RwLock<workload::Workloads>,
+    /// Workloads named on the command line (they win over Kubernetes').
+    named: Mutex<Vec<(u64, Vec<std::net::IpAddr>, workload::Workload)>>,
     tcp: Mutex<TcpMetrics>,
     sink: Mutex<Sink>,
     kernel: kernel::KernelMetrics,
@@ -157,6 +168,8 @@ impl Telemetry {
             PerCpuArray::try_from(take(dp, "KM_TELEMETRY")?).map_err(map_err("KM_TELEMETRY"))?;
         let cfg_map: Array<MapData, u32> =
             Array::try_from(take(dp, "KM_TELEMETRY_CFG")?).map_err(map_err("KM_TELEMETRY_CFG"))?;
+        let conns: BpfHashMap<MapData, u64, ConnState> =
+            BpfHashMap::try_from(take(dp, "KM_CONN")?).map_err(map_err("KM_CONN"))?;
         // Run-time stats cost two clock reads per program run, system-wide,
         // while any holder keeps the fd open; the daemon keeps it for its
         // lifetime so `kmesh_bpf_prog_run_*` move.
@@ -173,6 +186,7 @@ impl Telemetry {
             format: opts.accesslog_format,
             identity: RwLock::new(Identity::default()),
             workloads: RwLock::new(workload::Workloads::default()),
+            named: Mutex::new(Vec::new()),
             tcp: Mutex::new(TcpMetrics::default()),
             sink: Mutex::new(opts.sink.unwrap_or_else(|| Box::new(std::io::stdout()))),
             kernel: kernel::KernelMetrics::new(counters, dp.all_program_ids()),
@@ -191,7 +205,36 @@ impl Telemetry {
         let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| TelemetryError::Poll(e.into_parts().1))?;
         tokio::spawn(read_events(fd, t.clone()));
+        let (weak, every) = (Arc::downgrade(&t), opts.tcp_reporting_interval);
+        std::thread::Builder::new()
+            .name("kmesh-tcp-report".into())
+            .spawn(move || report_open_connections(conns, weak, every))
+            .map_err(|e| TelemetryError::Map {
+                map: "KM_CONN",
+                detail: format!("starting the progress reader: {e}"),
+            })?;
         Ok(t)
+    }
+
+    /// Adds the bytes open connections moved since the last read to the
+    /// Istio byte counters. Cost: one map walk (two syscalls per open
+    /// connection), then one lock of the counters.
+    fn report_progress(&self, conns: &BpfHashMap<MapData, u64, ConnState>) {
+        let mut live = std::collections::HashSet::new();
+        let mut moved = Vec::new();
+        for (cookie, s) in conns.iter().flatten() {
+            live.insert(cookie);
+            moved.push((
+                cookie,
+                s.acked.saturating_sub(s.base_acked),
+                s.received.saturating_sub(s.base_received),
+            ));
+        }
+        let mut tcp = self.tcp.lock().unwrap_or_else(|p| p.into_inner());
+        for (cookie, sent, received) in moved {
+            tcp.progress(cookie, sent, received);
+        }
+        tcp.forget_closed(&live);
     }
 
     /// Rebuilds the service identity tables from a config just applied.
@@ -212,7 +255,25 @@ impl Telemetry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(Some(cookie), &ips, spec.workload.clone());
+        self.named.lock().unwrap_or_else(|p| p.into_inner()).push((
+            cookie,
+            ips.clone(),
+            spec.workload.clone(),
+        ));
         Ok(ips)
+    }
+
+    /// Replaces the workloads known from Kubernetes (pod addresses and
+    /// identities); names from `--workload` stay and win. O(pods).
+    pub fn set_kubernetes_workloads(&self, pods: &[(Vec<std::net::IpAddr>, workload::Workload)]) {
+        let mut table = workload::Workloads::default();
+        for (ips, w) in pods {
+            table.insert(None, ips, w.clone());
+        }
+        for (cookie, ips, w) in self.named.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            table.insert(Some(*cookie), ips, w.clone());
+        }
+        *self.workloads.write().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
     pub fn accesslog_enabled(&self) -> bool {
@@ -449,6 +510,22 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes the timespec we pass and nothing else.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads open connections' progress every `every` until the telemetry
+/// state is dropped.
+fn report_open_connections(
+    conns: BpfHashMap<MapData, u64, ConnState>,
+    t: std::sync::Weak<Telemetry>,
+    every: std::time::Duration,
+) {
+    loop {
+        std::thread::sleep(every);
+        match t.upgrade() {
+            Some(t) => t.report_progress(&conns),
+            None => return,
+        }
+    }
 }
 
 /// Drains the ring buffer whenever the kernel signals data. Runs until the

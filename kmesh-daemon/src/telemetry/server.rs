@@ -71,6 +71,20 @@ fn render_authz(state: &AdminState, out: &mut String) {
             );
         }
     }
+    header(
+        out,
+        "kmesh_authz_workload_decisions_total",
+        "Authorization decisions by destination workload (namespace/name) and verdict, from the decision events (a lower bound if events were dropped).",
+        "counter",
+    );
+    for ((workload, verdict), n) in de.by_workload.snapshot() {
+        sample(
+            out,
+            "kmesh_authz_workload_decisions_total",
+            &[("destination_workload", &workload), ("verdict", verdict)],
+            n as f64,
+        );
+    }
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -1,9 +1,13 @@
-//! Workload names for pods enrolled without Kubernetes: an operator names
-//! a network namespace (`--workload /var/run/netns/app=shop/app`), and the
-//! daemon learns its netns cookie (the kernel's name for the pod's
-//! sockets) and its IP addresses (how peers see it). Metrics and access
-//! log lines then carry the workload and namespace of both ends instead of
-//! "unknown", as far as both ends are named.
+//! Workload identities of pods, by netns cookie and by address.
+//!
+//! Two sources: with `--kubernetes`, the pods of this node
+//! ([`super::pods`]: workload, namespace, canonical service and revision,
+//! principal); without Kubernetes an operator names a network namespace
+//! (`--workload /var/run/netns/app=shop/app`), and the daemon learns its
+//! netns cookie (the kernel's name for the pod's sockets) and its IP
+//! addresses (how peers see it). Names given on the command line win over
+//! Kubernetes'. Metrics and access log lines then carry the identities of
+//! both ends instead of "unknown", as far as both ends are known.
 
 use std::{
     collections::HashMap,
@@ -21,6 +25,30 @@ use std::{
 pub struct Workload {
     pub namespace: String,
     pub name: String,
+    /// Istio's canonical service (default: the workload name).
+    pub canonical_service: String,
+    /// Istio's canonical revision (default: `latest`).
+    pub canonical_revision: String,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`, when known.
+    pub principal: Option<String>,
+    /// The `app` and `version` labels, when present.
+    pub app: Option<String>,
+    pub version: Option<String>,
+}
+
+impl Workload {
+    /// A workload known only by namespace and name.
+    pub fn named(namespace: &str, name: &str) -> Self {
+        Workload {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            canonical_service: name.to_string(),
+            canonical_revision: "latest".into(),
+            principal: None,
+            app: None,
+            version: None,
+        }
+    }
 }
 
 impl FromStr for Workload {
@@ -44,10 +72,7 @@ impl FromStr for Workload {
                 ));
             }
         }
-        Ok(Workload {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-        })
+        Ok(Workload::named(ns, name))
     }
 }
 
@@ -78,7 +103,7 @@ impl FromStr for WorkloadSpec {
 }
 
 /// Known workloads by netns cookie and by address.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Workloads {
     by_cookie: HashMap<u64, Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
