@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+mod chains;
 mod decode;
 mod error;
 mod flatten;

@@ -1,5 +1,6 @@
 //! Resources → validated [`MeshConfig`] (all resources, cross-checked).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
@@ -7,11 +8,12 @@ use envoy_types::pb::envoy::config::route::v3 as pb_route;
 
 use crate::error::{ConfigError, ConfigErrors, Diag};
 use crate::http::{
-    decide_route_config, route_config_label, vhost_for_vip, vhost_vips, VhostDecision,
+    decide_route_config, describe, route_config_label, same_clusters, vhost_for_vip, vhost_vips,
+    VhostDecision,
 };
 use crate::model::{
     self, cla_label, cluster_label, convert_cluster, convert_listener, listener_label, HttpRoutes,
-    ListenerKind, TcpRoute,
+    ListenerKind, Route, TcpRoute,
 };
 use crate::{ResourceRefs, Resources};
 
@@ -70,9 +72,16 @@ impl MeshConfig {
         let mut clusters = BTreeMap::new();
         let mut failed = BTreeSet::new();
         let mut seen = BTreeSet::new();
+        // ORIGINAL_DST clusters (Istio's PassthroughCluster): routes to them
+        // leave the connect alone.
+        let mut passthrough = BTreeSet::new();
         for &c in &r.clusters {
             if !c.name.is_empty() && !seen.insert(c.name.as_str()) {
                 d.error(&cluster_label(&c.name), "name", "duplicate cluster name");
+                continue;
+            }
+            if crate::chains::is_original_dst(c) {
+                passthrough.insert(c.name.clone());
                 continue;
             }
             match convert_cluster(c, &clas, false, &mut d) {
@@ -146,40 +155,39 @@ impl MeshConfig {
                 ListenerKind::Tcp((route, refs)) => {
                     candidates.push((conv.address, route, refs, res.clone()))
                 }
+                ListenerKind::Ignored(why) => d.warn(&res, "", why),
+                ListenerKind::Chains(chains) => {
+                    let mut resolved = Vec::with_capacity(chains.len());
+                    for c in &chains {
+                        resolved.push(match &c.kind {
+                            Ok(ListenerKind::Http(src)) => match resolve_http(src, &decided, &mut used_rds, lenient, &mut d, &res) {
+                                Some(v) => ChainRoutes::Http(v),
+                                None => ChainRoutes::Unusable("its route configuration is not usable".into()),
+                            },
+                            Ok(ListenerKind::Tcp(r)) => ChainRoutes::Tcp(r.clone()),
+                            Ok(_) => ChainRoutes::Unusable("unsupported chain".into()),
+                            Err(why) => {
+                                d.warn(&res, "", format!("{}: not usable ({why}); connects that may take it are left alone", c.label));
+                                ChainRoutes::Unusable(why.clone())
+                            }
+                        });
+                    }
+                    candidates.extend(decide_chains(
+                        conv.address,
+                        &chains,
+                        &resolved,
+                        &passthrough,
+                        &mut d,
+                        &res,
+                    ));
+                }
                 ListenerKind::Http(src) => {
-                    let inline;
-                    let (vhosts, rc_res) = match &src {
-                        HttpRoutes::Inline(rc, path) => {
-                            let before = d.errors.len();
-                            let v = decide_route_config(rc, &mut d, &res, path);
-                            if d.errors.len() != before {
-                                continue;
-                            }
-                            inline = v;
-                            (&inline, res.clone())
-                        }
-                        HttpRoutes::Rds(name) => {
-                            used_rds.insert(name.clone());
-                            match decided.get(name.as_str()) {
-                                Some(Some(v)) => (v, route_config_label(name)),
-                                Some(None) => {
-                                    if lenient {
-                                        d.error(&res, "rds", format!("route configuration {name:?} is not usable (see its own entry)"));
-                                    }
-                                    continue;
-                                }
-                                None => {
-                                    d.error_hint(
-                                        &res,
-                                        "rds.route_config_name",
-                                        format!("route configuration {name:?} is not defined"),
-                                        "over xDS it arrives by RDS; in a static file, use an inline route_config",
-                                    );
-                                    continue;
-                                }
-                            }
-                        }
+                    let Some((vhosts, rc_res)) =
+                        resolve_http(&src, &decided, &mut used_rds, lenient, &mut d, &res)
+                    else {
+                        continue;
                     };
+                    let vhosts = &*vhosts;
                     let via = |vh: &VhostDecision| format!("{rc_res} virtual host {:?}", vh.name);
                     if conv.address.ip().is_unspecified() {
                         let mut any = false;
@@ -234,6 +242,17 @@ impl MeshConfig {
                     }
                 }
             }
+            // A route to an ORIGINAL_DST cluster is Envoy's passthrough:
+            // the connect goes where it was dialled, which is what the
+            // kernel does for a destination it does not hold.
+            candidates.retain(|(address, route, _, _)| match passthrough_of(route, &passthrough) {
+                Passthrough::None => true,
+                Passthrough::All => false,
+                Passthrough::Some(c) => {
+                    d.warn(&res, "", format!("{address}: not installed, connects are left alone: its route splits between ORIGINAL_DST cluster {c:?} and other clusters"));
+                    false
+                }
+            });
             for (address, route, refs, ref_res) in candidates {
                 if let Some(other) = addrs.get(&address) {
                     d.error(
@@ -304,7 +323,286 @@ impl MeshConfig {
 
 /// A service a listener would install: (VIP, route, cluster references as
 /// (name, field path), the resource the references are in).
-type Candidate = (SocketAddr, TcpRoute, Vec<(String, String)>, String);
+pub(crate) type Candidate = (SocketAddr, TcpRoute, Vec<(String, String)>, String);
+
+/// An HTTP connection manager's virtual hosts, decided, and the label of
+/// the resource that holds them.
+fn resolve_http<'a>(
+    src: &'a HttpRoutes,
+    decided: &'a BTreeMap<&str, Option<Vec<VhostDecision>>>,
+    used_rds: &mut BTreeSet<String>,
+    lenient: bool,
+    d: &mut Diag,
+    res: &str,
+) -> Option<(Cow<'a, [VhostDecision]>, String)> {
+    match src {
+        HttpRoutes::Inline(rc, path) => {
+            let before = d.errors.len();
+            let v = decide_route_config(rc, d, res, path);
+            (d.errors.len() == before).then(|| (Cow::Owned(v), res.to_string()))
+        }
+        HttpRoutes::Rds(name) => {
+            used_rds.insert(name.clone());
+            match decided.get(name.as_str()) {
+                Some(Some(v)) => Some((Cow::Borrowed(v.as_slice()), route_config_label(name))),
+                Some(None) => {
+                    if lenient {
+                        d.error(
+                            res,
+                            "rds",
+                            format!(
+                                "route configuration {name:?} is not usable (see its own entry)"
+                            ),
+                        );
+                    }
+                    None
+                }
+                None => {
+                    d.error_hint(
+                        res,
+                        "rds.route_config_name",
+                        format!("route configuration {name:?} is not defined"),
+                        "over xDS it arrives by RDS; in a static file, use an inline route_config",
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// A matched chain with its HTTP routes resolved.
+pub(crate) enum ChainRoutes<'a> {
+    Tcp(Route),
+    /// Virtual hosts and the label of the resource that holds them.
+    Http((Cow<'a, [VhostDecision]>, String)),
+    Unusable(String),
+}
+
+/// How much of a route goes to ORIGINAL_DST clusters.
+enum Passthrough<'a> {
+    None,
+    All,
+    Some(&'a str),
+}
+
+fn passthrough_of<'a>(route: &'a TcpRoute, passthrough: &BTreeSet<String>) -> Passthrough<'a> {
+    let cs = route.clusters();
+    let n = cs.iter().filter(|(c, _)| passthrough.contains(*c)).count();
+    match n {
+        0 => Passthrough::None,
+        _ if n == cs.len() => Passthrough::All,
+        _ => Passthrough::Some(
+            cs.iter()
+                .find(|(c, _)| passthrough.contains(*c))
+                .map_or("", |c| c.0),
+        ),
+    }
+}
+
+/// Where a chain sends a connection to `dest`.
+enum Outcome {
+    Route(Route, String),
+    /// Left alone (ORIGINAL_DST).
+    Passthrough,
+    /// Envoy closes it (no chain, no default chain).
+    Closed,
+    Undecidable(String),
+}
+
+fn chain_outcome(
+    listen: SocketAddr,
+    dest: SocketAddr,
+    routes: &ChainRoutes<'_>,
+    passthrough: &BTreeSet<String>,
+) -> Outcome {
+    let route = match routes {
+        ChainRoutes::Unusable(why) => return Outcome::Undecidable(why.clone()),
+        ChainRoutes::Tcp(r) => (r.clone(), String::new()),
+        ChainRoutes::Http((vhosts, rc_res)) => {
+            let i = if listen.ip().is_unspecified() {
+                vhosts
+                    .iter()
+                    .position(|v| vhost_vips(listen, &v.domains).contains(&dest))
+            } else {
+                vhost_for_vip(dest, vhosts)
+            };
+            let Some(i) = i else {
+                return Outcome::Undecidable(format!(
+                    "no virtual host of {rc_res} names {dest}; the Host header decides"
+                ));
+            };
+            match &vhosts[i].outcome {
+                Ok(r) => (r.clone(), rc_res.clone()),
+                Err(why) => {
+                    return Outcome::Undecidable(format!(
+                        "{rc_res} virtual host {:?}: {why}",
+                        vhosts[i].name
+                    ))
+                }
+            }
+        }
+    };
+    match passthrough_of(&route.0 .0, passthrough) {
+        Passthrough::None => Outcome::Route(route.0, route.1),
+        Passthrough::All => Outcome::Passthrough,
+        Passthrough::Some(c) => Outcome::Undecidable(format!(
+            "it splits between ORIGINAL_DST cluster {c:?} and other clusters"
+        )),
+    }
+}
+
+/// The services a listener with matched filter chains installs: for each
+/// concrete destination it names, the route every chain Envoy may pick
+/// agrees on; the others are reported and left alone.
+fn decide_chains(
+    listen: SocketAddr,
+    chains: &[model::MatchedChain],
+    routes: &[ChainRoutes<'_>],
+    passthrough: &BTreeSet<String>,
+    d: &mut Diag,
+    res: &str,
+) -> Vec<Candidate> {
+    let matches: Vec<crate::chains::ChainMatch> = chains
+        .iter()
+        .filter(|c| !c.is_default)
+        .map(|c| c.m.clone())
+        .collect();
+    let default = chains.iter().position(|c| c.is_default);
+    // The destinations the listener names.
+    let mut dests: Vec<SocketAddr> = Vec::new();
+    let mut add = |a: SocketAddr| {
+        let a = crate::addr::canonical(a);
+        if !a.ip().is_unspecified() && !dests.contains(&a) {
+            dests.push(a);
+        }
+    };
+    if !listen.ip().is_unspecified() {
+        add(listen);
+    } else {
+        for (c, r) in chains.iter().zip(routes) {
+            for ip in c.m.hosts() {
+                add(SocketAddr::new(ip, listen.port()));
+            }
+            if let ChainRoutes::Http((vhosts, _)) = r {
+                for vh in vhosts.iter() {
+                    for v in vhost_vips(listen, &vh.domains) {
+                        add(v);
+                    }
+                }
+            }
+        }
+    }
+    // Chains that name no single destination and route somewhere: what
+    // they would take is left alone.
+    for (c, r) in chains.iter().zip(routes) {
+        if c.is_default || c.m.hosts().next().is_some() || !listen.ip().is_unspecified() {
+            continue;
+        }
+        let routed = match r {
+            ChainRoutes::Tcp((route, _)) => {
+                !matches!(passthrough_of(route, passthrough), Passthrough::All)
+            }
+            _ => false,
+        };
+        if routed {
+            let what = if c.m.opaque.is_empty() {
+                "names no single destination (prefix_ranges /32 or /128)".to_string()
+            } else {
+                format!(
+                    "matches on {}, which the kernel does not see at connect time",
+                    c.m.opaque.join(", ")
+                )
+            };
+            d.warn(
+                res,
+                "",
+                format!("{}: {what}; connects it would take are left alone", c.label),
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for dest in dests {
+        // `matches` skips the default chain, which is last: the indexes
+        // are the same in `chains`. Without a default chain Envoy closes
+        // what no chain takes.
+        let (picked, may_close) = match crate::chains::pick(&matches, dest) {
+            crate::chains::Pick::Default => (default.into_iter().collect(), default.is_none()),
+            crate::chains::Pick::Chains {
+                chains: mut v,
+                or_default,
+            } => {
+                if or_default {
+                    v.extend(default);
+                }
+                (v, or_default && default.is_none())
+            }
+        };
+        let picked: Vec<usize> = picked;
+        let mut outcomes: Vec<(usize, Outcome)> = picked
+            .iter()
+            .map(|&i| (i, chain_outcome(listen, dest, &routes[i], passthrough)))
+            .collect();
+        if may_close {
+            outcomes.push((usize::MAX, Outcome::Closed));
+        }
+        let label = |i: usize| {
+            if i == usize::MAX {
+                "no chain (Envoy closes the connection)".to_string()
+            } else {
+                let c = &chains[i];
+                if c.m.opaque.is_empty() {
+                    c.label.clone()
+                } else {
+                    format!("{} [{}]", c.label, c.m.opaque.join(", "))
+                }
+            }
+        };
+        let first = &outcomes[0].1;
+        let agree = outcomes.iter().all(|(_, o)| match (first, o) {
+            (Outcome::Route(a, _), Outcome::Route(b, _)) => same_clusters(&a.0, &b.0),
+            (Outcome::Passthrough, Outcome::Passthrough) => true,
+            _ => false,
+        });
+        if agree {
+            if let Outcome::Route((route, _), _) = first {
+                let mut refs = Vec::new();
+                let mut ref_res = res.to_string();
+                for (_, o) in &outcomes {
+                    if let Outcome::Route((_, r), rr) = o {
+                        refs.extend(r.iter().cloned());
+                        if !rr.is_empty() {
+                            ref_res = rr.clone();
+                        }
+                    }
+                }
+                out.push((dest, route.clone(), refs, ref_res));
+            }
+            continue;
+        }
+        let why: Vec<String> = outcomes
+            .iter()
+            .map(|(i, o)| {
+                let to = match o {
+                    Outcome::Route((r, _), _) => format!("sends to {}", describe(r)),
+                    Outcome::Passthrough => "passes it through (ORIGINAL_DST)".into(),
+                    Outcome::Closed => "closes it".into(),
+                    Outcome::Undecidable(w) => format!("cannot be decided at connect time: {w}"),
+                };
+                format!("{} {to}", label(*i))
+            })
+            .collect();
+        d.warn(
+            res,
+            "",
+            format!(
+                "{dest}: not installed, connects are left alone: the filter chains Envoy may pick for it do not agree ({})",
+                why.join("; ")
+            ),
+        );
+    }
+    out
+}
 
 fn list(v: &[SocketAddr]) -> String {
     v.iter()

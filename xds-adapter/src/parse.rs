@@ -363,6 +363,7 @@ enum Kind {
     Listener,
     Cluster,
     LoadAssignment,
+    RouteConfig,
 }
 
 impl Kind {
@@ -371,6 +372,7 @@ impl Kind {
             Kind::Listener => schema::LISTENER,
             Kind::Cluster => schema::CLUSTER,
             Kind::LoadAssignment => schema::CLUSTER_LOAD_ASSIGNMENT,
+            Kind::RouteConfig => schema::ROUTE_CONFIGURATION,
         }
     }
 
@@ -379,6 +381,7 @@ impl Kind {
             Kind::Listener => LISTENER_TYPE,
             Kind::Cluster => CLUSTER_TYPE,
             Kind::LoadAssignment => CLA_TYPE,
+            Kind::RouteConfig => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         }
     }
 
@@ -387,6 +390,7 @@ impl Kind {
             Kind::Listener => "listener",
             Kind::Cluster => "cluster",
             Kind::LoadAssignment => "cluster_load_assignment",
+            Kind::RouteConfig => "route_configuration",
         }
     }
 
@@ -477,8 +481,9 @@ fn config_dump(top: &Map<String, Value>, res: &mut Resources, diag: &mut Diag) {
             "envoy.admin.v3.ListenersConfigDump" => listeners_dump(entry, &path, res, diag),
             "envoy.admin.v3.ClustersConfigDump" => clusters_dump(entry, &path, res, diag),
             "envoy.admin.v3.EndpointsConfigDump" => endpoints_dump(entry, &path, res, diag),
-            // Bootstrap, routes, secrets, …: not needed (the bootstrap's
-            // static resources are also in the listener and cluster dumps).
+            "envoy.admin.v3.RoutesConfigDump" => routes_dump(entry, &path, res, diag),
+            // Bootstrap, secrets, …: not needed (the bootstrap's static
+            // resources are also in the listener and cluster dumps).
             _ => {}
         }
     }
@@ -582,6 +587,34 @@ fn endpoints_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Dia
                 let p = join(&p, k);
                 if let Some(e) = resource(e, Kind::LoadAssignment, CONFIG_DUMP, &p, diag) {
                     res.load_assignments.push(e);
+                }
+            }
+        }
+    }
+}
+
+/// Route configurations, for listeners that take theirs by RDS.
+fn routes_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Diag) {
+    let allowed = ["static_route_configs", "dynamic_route_configs"];
+    let Some(w) = Wrapper::new(entry, &allowed, CONFIG_DUMP, path, diag) else {
+        return;
+    };
+    let members = [
+        "version_info",
+        "route_config",
+        "last_updated",
+        "error_state",
+        "client_status",
+    ];
+    for list in allowed {
+        for (p, item) in w.list(list, CONFIG_DUMP, path, diag) {
+            let Some(s) = Wrapper::new(item, &members, CONFIG_DUMP, &p, diag) else {
+                continue;
+            };
+            if let Some((k, r)) = s.get("route_config") {
+                let p = join(&p, k);
+                if let Some(r) = resource(r, Kind::RouteConfig, CONFIG_DUMP, &p, diag) {
+                    res.route_configs.push(r);
                 }
             }
         }

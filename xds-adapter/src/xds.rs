@@ -42,8 +42,38 @@ pub fn check_listener(l: &Listener) -> Result<Vec<String>, ConfigErrors> {
 /// Checks one cluster on its own (an EDS cluster's endpoints come later, in
 /// its ClusterLoadAssignment).
 pub fn check_cluster(c: &Cluster) -> Result<Vec<String>, ConfigErrors> {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
     let mut d = Diag::default();
+    let res = crate::model::cluster_label(&c.name);
+    if crate::chains::is_original_dst(c) {
+        if c.name.is_empty() {
+            d.error(&res, "name", "cluster has no name");
+        }
+        d.warn(&res, "type", "ORIGINAL_DST: connects routed to it are left alone by the kernel (they go where they were dialled, as Envoy's passthrough does)");
+        return finish(d);
+    }
     convert_cluster(c, &BTreeMap::new(), true, &mut d);
+    // A STATIC cluster listing no endpoint at all (Istio's
+    // BlackHoleCluster) is valid for Envoy: it refuses connections. The
+    // kernel cannot refuse at connect time, so it installs no route to it
+    // and such connects are left alone.
+    let is_static = matches!(c.cluster_discovery_type, None)
+        || matches!(c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Static as i32);
+    let listed: usize = c
+        .load_assignment
+        .iter()
+        .flat_map(|a| &a.endpoints)
+        .map(|l| l.lb_endpoints.len())
+        .sum();
+    if is_static && listed == 0 {
+        let before = d.errors.len();
+        d.errors.retain(|e| e.field != "load_assignment.endpoints");
+        if d.errors.len() != before {
+            d.warn(&res, "load_assignment.endpoints", "no endpoints: Envoy refuses connections routed to it; the kernel cannot refuse at connect time, so routes to it are not installed and those connects are left alone");
+        }
+    }
     finish(d)
 }
 
