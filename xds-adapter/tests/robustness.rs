@@ -516,3 +516,151 @@ fn random_meshes_have_exact_shares() {
         "exact {exact}, scaled {scaled_count}"
     );
 }
+
+/// Random listeners with several filter chains (the shapes Istiod sends):
+/// a destination is installed only if every chain Envoy could pick for it,
+/// whatever the connection's first bytes, sends to the installed cluster;
+/// and when they all agree on one cluster, it is installed. The oracle
+/// below is written from Envoy's selection rules, independently of the
+/// adapter's.
+#[test]
+fn matched_chains_never_route_where_envoy_might_not() {
+    const PORT: u32 = 7000;
+    let clusters = ["c0", "c1", "c2", "pass"];
+    let prefixes: [Option<(&str, u32)>; 5] = [
+        Some(("10.0.0.1", 32)),
+        Some(("10.0.0.2", 32)),
+        Some(("10.0.0.0", 24)),
+        Some(("10.0.0.0", 8)),
+        None,
+    ];
+    let dests = ["10.0.0.1", "10.0.0.2"];
+    let mut rng = Rng(0x5eed_c4a1);
+    let mut installed_total = 0;
+    let mut left_total = 0;
+    for _ in 0..2000 {
+        // (port, prefix, opaque condition, cluster)
+        let n = 1 + rng.below(5);
+        let mut chains: Vec<(Option<u32>, Option<(&str, u32)>, bool, &str)> = Vec::new();
+        for _ in 0..n {
+            let port = match rng.below(4) {
+                0 => Some(PORT),
+                1 => Some(PORT + 1),
+                _ => None,
+            };
+            chains.push((
+                port,
+                *rng.pick(&prefixes),
+                rng.chance(30),
+                *rng.pick(&clusters),
+            ));
+        }
+        let default = rng.chance(70).then(|| *rng.pick(&clusters));
+        let chain_json = |c: &(Option<u32>, Option<(&str, u32)>, bool, &str)| {
+            let mut m = serde_json::Map::new();
+            if let Some(p) = c.0 {
+                m.insert("destination_port".into(), json!(p));
+            }
+            if let Some((ip, len)) = c.1 {
+                m.insert(
+                    "prefix_ranges".into(),
+                    json!([{"address_prefix": ip, "prefix_len": len}]),
+                );
+            }
+            if c.2 {
+                m.insert("server_names".into(), json!(["a.example.com"]));
+            }
+            let mut chain = filter(json!({"cluster": c.3}));
+            chain["filter_chain_match"] = Value::Object(m);
+            chain
+        };
+        let mut listener = json!({
+            "name": "l",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": PORT}},
+            "filter_chains": chains.iter().map(chain_json).collect::<Vec<_>>(),
+        });
+        if let Some(c) = default {
+            listener["default_filter_chain"] = filter(json!({"cluster": c}));
+        }
+        let mut cl: Vec<Value> = (0..3)
+            .map(|i| {
+                json!({"name": format!("c{i}"), "type": "STATIC", "load_assignment": {"cluster_name": format!("c{i}"),
+                    "endpoints": [{"lb_endpoints": [endpoint(&format!("10.1.0.{}", i + 1), 80, None)]}]}})
+            })
+            .collect();
+        cl.push(json!({"name": "pass", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED"}));
+        let doc = json!({"static_resources": {"listeners": [listener], "clusters": cl}});
+        let res = xds_adapter::parse_static_config(&doc.to_string()).expect("parses");
+        let c = xds_adapter::compile_lenient(&res.refs()).expect("compiles");
+        check_invariants(&c.flat);
+
+        for d in dests {
+            let ip: std::net::Ipv4Addr = d.parse().unwrap();
+            let contains = |p: Option<(&str, u32)>| -> Option<u32> {
+                match p {
+                    None => Some(0),
+                    Some((net, len)) => {
+                        let net: std::net::Ipv4Addr = net.parse().unwrap();
+                        let m = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                        (u32::from(net) & m == u32::from(ip) & m).then_some(len + 1)
+                    }
+                }
+            };
+            // Envoy: exact destination_port, else chains without one; then
+            // the longest prefix containing the IP; then, per connection,
+            // a chain whose server name matches, else one without server
+            // names, else the default chain (else the connection closes).
+            let exact: Vec<usize> = (0..n).filter(|&i| chains[i].0 == Some(PORT)).collect();
+            let by_port: Vec<usize> = if exact.is_empty() {
+                (0..n).filter(|&i| chains[i].0.is_none()).collect()
+            } else {
+                exact
+            };
+            let best = by_port.iter().filter_map(|&i| contains(chains[i].1)).max();
+            let narrowed: Vec<usize> = by_port
+                .into_iter()
+                .filter(|&i| best.is_some() && contains(chains[i].1) == best)
+                .collect();
+            let mut possible: Vec<Option<&str>> = Vec::new(); // None: closed
+            let sni: Vec<usize> = narrowed.iter().copied().filter(|&i| chains[i].2).collect();
+            let plain: Vec<usize> = narrowed.iter().copied().filter(|&i| !chains[i].2).collect();
+            // The server name may match (then one of the SNI chains) or not.
+            possible.extend(sni.iter().map(|&i| Some(chains[i].3)));
+            if plain.is_empty() {
+                possible.push(default);
+            } else {
+                possible.extend(plain.iter().map(|&i| Some(chains[i].3)));
+            }
+            let vip: SocketAddr = format!("{d}:{PORT}").parse().unwrap();
+            let named = chains.iter().any(|c| c.1 == Some((d, 32)));
+            match c.flat.services.get(&vip) {
+                Some(s) => {
+                    installed_total += 1;
+                    for p in &possible {
+                        let Some(cluster) = p else {
+                            panic!("{vip} installed but Envoy may close it: {chains:?} default {default:?}");
+                        };
+                        assert!(
+                            s.endpoints.iter().all(|e| e.cluster == *cluster),
+                            "{vip} installed to {:?}, Envoy may pick {cluster}: {chains:?} default {default:?}",
+                            s.endpoints
+                        );
+                    }
+                }
+                None => {
+                    left_total += 1;
+                    let first = possible[0];
+                    let agree = possible.iter().all(|p| *p == first)
+                        && matches!(first, Some(c) if c != "pass");
+                    assert!(
+                        !(named && agree),
+                        "{vip}: every possible chain sends to {first:?}, yet not installed: {chains:?} default {default:?}\n{:#?}",
+                        c.flat.warnings
+                    );
+                }
+            }
+        }
+    }
+    assert!(installed_total > 200, "only {installed_total} installed");
+    assert!(left_total > 200, "only {left_total} left alone");
+}
