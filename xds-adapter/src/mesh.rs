@@ -69,29 +69,14 @@ impl MeshConfig {
             }
         }
 
-        let mut clusters = BTreeMap::new();
-        let mut failed = BTreeSet::new();
+        let mut set = ClusterSet::default();
         let mut seen = BTreeSet::new();
-        // ORIGINAL_DST clusters (Istio's PassthroughCluster): routes to them
-        // leave the connect alone.
-        let mut passthrough = BTreeSet::new();
         for &c in &r.clusters {
             if !c.name.is_empty() && !seen.insert(c.name.as_str()) {
                 d.error(&cluster_label(&c.name), "name", "duplicate cluster name");
                 continue;
             }
-            if crate::chains::is_original_dst(c) {
-                passthrough.insert(c.name.clone());
-                continue;
-            }
-            match convert_cluster(c, &clas, false, &mut d) {
-                Some(m) => {
-                    clusters.insert(m.name.clone(), m);
-                }
-                None => {
-                    failed.insert(c.name.as_str());
-                }
-            }
+            set.convert(c, &clas, &mut d);
         }
         let eds_services: BTreeSet<&str> = r
             .clusters
@@ -116,195 +101,8 @@ impl MeshConfig {
             }
         }
 
-        // Route configurations from RDS, by name.
-        let mut rds: BTreeMap<&str, &pb_route::RouteConfiguration> = BTreeMap::new();
-        for &rc in &r.route_configs {
-            let res = route_config_label(&rc.name);
-            if rc.name.is_empty() {
-                d.error(&res, "name", "route configuration has no name");
-            } else if rds.insert(rc.name.as_str(), rc).is_some() {
-                d.error(&res, "name", "duplicate route configuration name");
-            }
-        }
-        // Each RDS route configuration is decided once, however many
-        // listeners use it; its errors are reported once.
-        let mut decided: BTreeMap<&str, Option<Vec<VhostDecision>>> = BTreeMap::new();
-        for (name, rc) in &rds {
-            let res = route_config_label(name);
-            let before = d.errors.len();
-            let v = decide_route_config(rc, &mut d, &res, "");
-            decided.insert(name, (d.errors.len() == before).then_some(v));
-        }
-
-        let mut listeners = Vec::new();
-        let mut names = BTreeSet::new();
-        let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
-        let mut used = BTreeSet::new();
-        let mut used_rds = BTreeSet::new();
-        for &l in &r.listeners {
-            let res = listener_label(&l.name);
-            if !l.name.is_empty() && !names.insert(l.name.as_str()) {
-                d.error(&res, "name", "duplicate listener name");
-                continue;
-            }
-            let Some(conv) = convert_listener(l, &mut d) else {
-                continue;
-            };
-            let mut candidates: Vec<Candidate> = Vec::new();
-            match conv.kind {
-                ListenerKind::Tcp((route, refs)) => {
-                    candidates.push((conv.address, route, refs, res.clone()))
-                }
-                ListenerKind::Ignored(why) => d.warn(&res, "", why),
-                ListenerKind::Chains(chains) => {
-                    let mut resolved = Vec::with_capacity(chains.len());
-                    for c in &chains {
-                        resolved.push(match &c.kind {
-                            Ok(ListenerKind::Http(src)) => match resolve_http(src, &decided, &mut used_rds, lenient, &mut d, &res) {
-                                Some(v) => ChainRoutes::Http(v),
-                                None => ChainRoutes::Unusable("its route configuration is not usable".into()),
-                            },
-                            Ok(ListenerKind::Tcp(r)) => ChainRoutes::Tcp(r.clone()),
-                            Ok(_) => ChainRoutes::Unusable("unsupported chain".into()),
-                            Err(why) => {
-                                d.warn(&res, "", format!("{}: not usable ({why}); connects that may take it are left alone", c.label));
-                                ChainRoutes::Unusable(why.clone())
-                            }
-                        });
-                    }
-                    candidates.extend(decide_chains(
-                        conv.address,
-                        &chains,
-                        &resolved,
-                        &passthrough,
-                        &mut d,
-                        &res,
-                    ));
-                }
-                ListenerKind::Http(src) => {
-                    let Some((vhosts, rc_res)) =
-                        resolve_http(&src, &decided, &mut used_rds, lenient, &mut d, &res)
-                    else {
-                        continue;
-                    };
-                    let vhosts = &*vhosts;
-                    let via = |vh: &VhostDecision| format!("{rc_res} virtual host {:?}", vh.name);
-                    if conv.address.ip().is_unspecified() {
-                        let mut any = false;
-                        for vh in vhosts {
-                            let vips = vhost_vips(conv.address, &vh.domains);
-                            if vips.is_empty() {
-                                continue;
-                            }
-                            any = true;
-                            match &vh.outcome {
-                                Ok((route, refs)) => {
-                                    for v in vips {
-                                        candidates.push((
-                                            v,
-                                            route.clone(),
-                                            refs.clone(),
-                                            rc_res.clone(),
-                                        ));
-                                    }
-                                }
-                                Err(why) => d.warn(
-                                    &res,
-                                    "",
-                                    format!(
-                                        "{}: not installed, connects to {} are left alone: {why}",
-                                        via(vh),
-                                        list(&vips)
-                                    ),
-                                ),
-                            }
-                        }
-                        if !any {
-                            d.warn(&res, "address", format!(
-                                "wildcard HTTP listener {} whose virtual hosts have no IP-literal domain: it captures no service VIP (hostnames are matched on the Host header, which the kernel does not see at connect time)",
-                                conv.address
-                            ));
-                        }
-                    } else {
-                        match vhost_for_vip(conv.address, vhosts) {
-                            Some(i) => match &vhosts[i].outcome {
-                                Ok((route, refs)) => candidates.push((conv.address, route.clone(), refs.clone(), rc_res.clone())),
-                                Err(why) => d.warn(&res, "", format!(
-                                    "{}: not installed, connects to {} are left alone: {why}",
-                                    via(&vhosts[i]), conv.address
-                                )),
-                            },
-                            None => d.warn(&res, "", format!(
-                                "no virtual host of {rc_res} matches {} (by IP domain or \"*\"); not installed",
-                                conv.address
-                            )),
-                        }
-                    }
-                }
-            }
-            // A route to an ORIGINAL_DST cluster is Envoy's passthrough:
-            // the connect goes where it was dialled, which is what the
-            // kernel does for a destination it does not hold.
-            candidates.retain(|(address, route, _, _)| match passthrough_of(route, &passthrough) {
-                Passthrough::None => true,
-                Passthrough::All => false,
-                Passthrough::Some(c) => {
-                    d.warn(&res, "", format!("{address}: not installed, connects are left alone: its route splits between ORIGINAL_DST cluster {c:?} and other clusters"));
-                    false
-                }
-            });
-            for (address, route, refs, ref_res) in candidates {
-                if let Some(other) = addrs.get(&address) {
-                    d.error(
-                        &res,
-                        "address",
-                        format!("{address} is already captured by listener {other:?}"),
-                    );
-                    continue;
-                }
-                let mut ok = true;
-                for (cluster, path) in &refs {
-                    used.insert(cluster.clone());
-                    if clusters.contains_key(cluster) {
-                        continue;
-                    }
-                    ok = false;
-                    if failed.contains(cluster.as_str()) {
-                        // Already reported where the cluster is defined.
-                        if lenient {
-                            d.error(&ref_res, path, format!("cluster {cluster:?} is not usable (see its own entry); {address} not installed"));
-                        }
-                        continue;
-                    }
-                    let known: Vec<&str> = clusters.keys().map(String::as_str).take(10).collect();
-                    let hint = if known.is_empty() {
-                        "no cluster is defined".to_string()
-                    } else {
-                        format!("defined clusters: {}", known.join(", "))
-                    };
-                    d.error_hint(
-                        &ref_res,
-                        path,
-                        format!("cluster {cluster:?} is not defined"),
-                        hint,
-                    );
-                }
-                if ok {
-                    addrs.insert(address, l.name.clone());
-                    listeners.push(model::Listener {
-                        name: l.name.clone(),
-                        address,
-                        route,
-                    });
-                }
-            }
-        }
-        for name in rds.keys() {
-            if !used_rds.contains(*name) {
-                d.warn(&route_config_label(name), "", "not used by any listener");
-            }
-        }
-        for name in clusters.keys() {
+        let Built { listeners, used } = build_listeners(r, &set, lenient, true, &mut d);
+        for name in set.usable.keys() {
             if !used.contains(name) {
                 d.warn(&cluster_label(name), "", "not used by any listener");
             }
@@ -313,12 +111,267 @@ impl MeshConfig {
         (
             MeshConfig {
                 listeners,
-                clusters,
+                clusters: set.usable,
                 warnings: d.warnings,
             },
             d.errors,
         )
     }
+}
+
+/// The clusters of a config, converted once and shared by every listener
+/// that routes to them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClusterSet {
+    /// Usable clusters (endpoints known), by name.
+    pub usable: BTreeMap<String, model::Cluster>,
+    /// Clusters that failed their conversion (reported where defined).
+    pub failed: BTreeSet<String>,
+    /// ORIGINAL_DST clusters (Istio's PassthroughCluster): routes to them
+    /// leave the connect alone.
+    pub passthrough: BTreeSet<String>,
+}
+
+impl ClusterSet {
+    /// Converts `c` (with its ClusterLoadAssignment from `clas` when it is
+    /// an EDS cluster) into the set, replacing any earlier entry.
+    pub fn convert(
+        &mut self,
+        c: &envoy_types::pb::envoy::config::cluster::v3::Cluster,
+        clas: &BTreeMap<&str, &envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment>,
+        d: &mut Diag,
+    ) {
+        self.remove(&c.name);
+        if crate::chains::is_original_dst(c) {
+            self.passthrough.insert(c.name.clone());
+            return;
+        }
+        match convert_cluster(c, clas, false, d) {
+            Some(m) => {
+                self.usable.insert(m.name.clone(), m);
+            }
+            None => {
+                self.failed.insert(c.name.clone());
+            }
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.usable.remove(name);
+        self.failed.remove(name);
+        self.passthrough.remove(name);
+    }
+}
+
+/// What [`build_listeners`] found.
+pub(crate) struct Built {
+    pub listeners: Vec<model::Listener>,
+    /// Clusters referenced by installed or attempted services.
+    pub used: BTreeSet<String>,
+}
+
+/// Route configurations and listeners → services, against converted
+/// clusters. With `warn_unused`, route configurations no listener uses are
+/// reported (a whole-config check; a partial rebuild skips it).
+pub(crate) fn build_listeners(
+    r: &ResourceRefs<'_>,
+    set: &ClusterSet,
+    lenient: bool,
+    warn_unused: bool,
+    d: &mut Diag,
+) -> Built {
+    let clusters = &set.usable;
+    let failed = &set.failed;
+    let passthrough = &set.passthrough;
+    // Route configurations from RDS, by name.
+    let mut rds: BTreeMap<&str, &pb_route::RouteConfiguration> = BTreeMap::new();
+    for &rc in &r.route_configs {
+        let res = route_config_label(&rc.name);
+        if rc.name.is_empty() {
+            d.error(&res, "name", "route configuration has no name");
+        } else if rds.insert(rc.name.as_str(), rc).is_some() {
+            d.error(&res, "name", "duplicate route configuration name");
+        }
+    }
+    // Each RDS route configuration is decided once, however many
+    // listeners use it; its errors are reported once.
+    let mut decided: BTreeMap<&str, Option<Vec<VhostDecision>>> = BTreeMap::new();
+    for (name, rc) in &rds {
+        let res = route_config_label(name);
+        let before = d.errors.len();
+        let v = decide_route_config(rc, d, &res, "");
+        decided.insert(name, (d.errors.len() == before).then_some(v));
+    }
+
+    let mut listeners = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    let mut used = BTreeSet::new();
+    let mut used_rds = BTreeSet::new();
+    for &l in &r.listeners {
+        let res = listener_label(&l.name);
+        if !l.name.is_empty() && !names.insert(l.name.as_str()) {
+            d.error(&res, "name", "duplicate listener name");
+            continue;
+        }
+        let Some(conv) = convert_listener(l, d) else {
+            continue;
+        };
+        let mut candidates: Vec<Candidate> = Vec::new();
+        match conv.kind {
+            ListenerKind::Tcp((route, refs)) => {
+                candidates.push((conv.address, route, refs, res.clone()))
+            }
+            ListenerKind::Ignored(why) => d.warn(&res, "", why),
+            ListenerKind::Chains(chains) => {
+                let mut resolved = Vec::with_capacity(chains.len());
+                for c in &chains {
+                    resolved.push(match &c.kind {
+                        Ok(ListenerKind::Http(src)) => match resolve_http(src, &decided, &mut used_rds, lenient, d, &res) {
+                            Some(v) => ChainRoutes::Http(v),
+                            None => ChainRoutes::Unusable("its route configuration is not usable".into()),
+                        },
+                        Ok(ListenerKind::Tcp(r)) => ChainRoutes::Tcp(r.clone()),
+                        Ok(_) => ChainRoutes::Unusable("unsupported chain".into()),
+                        Err(why) => {
+                            d.warn(&res, "", format!("{}: not usable ({why}); connects that may take it are left alone", c.label));
+                            ChainRoutes::Unusable(why.clone())
+                        }
+                    });
+                }
+                candidates.extend(decide_chains(
+                    conv.address,
+                    &chains,
+                    &resolved,
+                    &passthrough,
+                    d,
+                    &res,
+                ));
+            }
+            ListenerKind::Http(src) => {
+                let Some((vhosts, rc_res)) =
+                    resolve_http(&src, &decided, &mut used_rds, lenient, d, &res)
+                else {
+                    continue;
+                };
+                let vhosts = &*vhosts;
+                let via = |vh: &VhostDecision| format!("{rc_res} virtual host {:?}", vh.name);
+                if conv.address.ip().is_unspecified() {
+                    let mut any = false;
+                    for vh in vhosts {
+                        let vips = vhost_vips(conv.address, &vh.domains);
+                        if vips.is_empty() {
+                            continue;
+                        }
+                        any = true;
+                        match &vh.outcome {
+                            Ok((route, refs)) => {
+                                for v in vips {
+                                    candidates.push((
+                                        v,
+                                        route.clone(),
+                                        refs.clone(),
+                                        rc_res.clone(),
+                                    ));
+                                }
+                            }
+                            Err(why) => d.warn(
+                                &res,
+                                "",
+                                format!(
+                                    "{}: not installed, connects to {} are left alone: {why}",
+                                    via(vh),
+                                    list(&vips)
+                                ),
+                            ),
+                        }
+                    }
+                    if !any {
+                        d.warn(&res, "address", format!(
+                            "wildcard HTTP listener {} whose virtual hosts have no IP-literal domain: it captures no service VIP (hostnames are matched on the Host header, which the kernel does not see at connect time)",
+                            conv.address
+                        ));
+                    }
+                } else {
+                    match vhost_for_vip(conv.address, vhosts) {
+                        Some(i) => match &vhosts[i].outcome {
+                            Ok((route, refs)) => candidates.push((conv.address, route.clone(), refs.clone(), rc_res.clone())),
+                            Err(why) => d.warn(&res, "", format!(
+                                "{}: not installed, connects to {} are left alone: {why}",
+                                via(&vhosts[i]), conv.address
+                            )),
+                        },
+                        None => d.warn(&res, "", format!(
+                            "no virtual host of {rc_res} matches {} (by IP domain or \"*\"); not installed",
+                            conv.address
+                        )),
+                    }
+                }
+            }
+        }
+        // A route to an ORIGINAL_DST cluster is Envoy's passthrough:
+        // the connect goes where it was dialled, which is what the
+        // kernel does for a destination it does not hold.
+        candidates.retain(|(address, route, _, _)| match passthrough_of(route, &passthrough) {
+            Passthrough::None => true,
+            Passthrough::All => false,
+            Passthrough::Some(c) => {
+                d.warn(&res, "", format!("{address}: not installed, connects are left alone: its route splits between ORIGINAL_DST cluster {c:?} and other clusters"));
+                false
+            }
+        });
+        for (address, route, refs, ref_res) in candidates {
+            if let Some(other) = addrs.get(&address) {
+                d.error(
+                    &res,
+                    "address",
+                    format!("{address} is already captured by listener {other:?}"),
+                );
+                continue;
+            }
+            let mut ok = true;
+            for (cluster, path) in &refs {
+                used.insert(cluster.clone());
+                if clusters.contains_key(cluster) {
+                    continue;
+                }
+                ok = false;
+                if failed.contains(cluster.as_str()) {
+                    // Already reported where the cluster is defined.
+                    if lenient {
+                        d.error(&ref_res, path, format!("cluster {cluster:?} is not usable (see its own entry); {address} not installed"));
+                    }
+                    continue;
+                }
+                let known: Vec<&str> = clusters.keys().map(String::as_str).take(10).collect();
+                let hint = if known.is_empty() {
+                    "no cluster is defined".to_string()
+                } else {
+                    format!("defined clusters: {}", known.join(", "))
+                };
+                d.error_hint(
+                    &ref_res,
+                    path,
+                    format!("cluster {cluster:?} is not defined"),
+                    hint,
+                );
+            }
+            if ok {
+                addrs.insert(address, l.name.clone());
+                listeners.push(model::Listener {
+                    name: l.name.clone(),
+                    address,
+                    route,
+                });
+            }
+        }
+    }
+    for name in rds.keys().filter(|_| warn_unused) {
+        if !used_rds.contains(*name) {
+            d.warn(&route_config_label(name), "", "not used by any listener");
+        }
+    }
+    Built { listeners, used }
 }
 
 /// A service a listener would install: (VIP, route, cluster references as
