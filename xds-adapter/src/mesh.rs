@@ -52,6 +52,16 @@ impl MeshConfig {
     }
 
     fn build(r: &ResourceRefs<'_>, lenient: bool) -> (MeshConfig, Vec<ConfigError>) {
+        let (mesh, errors, _) = Self::build_parts(r, lenient);
+        (mesh, errors)
+    }
+
+    /// The build, also returning the failed and ORIGINAL_DST clusters (in
+    /// a [`ClusterSet`] whose `usable` map has moved into the mesh).
+    pub(crate) fn build_parts(
+        r: &ResourceRefs<'_>,
+        lenient: bool,
+    ) -> (MeshConfig, Vec<ConfigError>, ClusterSet) {
         let mut d = Diag::default();
 
         // ClusterLoadAssignments (for EDS clusters), by cluster name.
@@ -108,13 +118,15 @@ impl MeshConfig {
             }
         }
 
+        let clusters = std::mem::take(&mut set.usable);
         (
             MeshConfig {
                 listeners,
-                clusters: set.usable,
+                clusters,
                 warnings: d.warnings,
             },
             d.errors,
+            set,
         )
     }
 }

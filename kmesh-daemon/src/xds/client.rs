@@ -491,34 +491,45 @@ pub fn accept(
     if !(outcome.changed || collected) {
         return nack;
     }
-    // Endpoints-only change: redo just the services that use them.
-    if type_url == ENDPOINT_TYPE && !collected && outcome.removed.is_empty() {
-        if let Some(vips) = incremental(store, &outcome.upserted, inc) {
-            let Some(i) = inc.as_ref() else {
-                return nack;
-            };
-            match sink.apply_services(i.compiled(), &vips, store) {
-                Ok(()) => {
-                    let mut s = lock(status);
-                    s.applies += 1;
-                    let held = store.of(ENDPOINT_TYPE);
+    // Redo just the services that depend on what changed.
+    if let Some(vips) = incremental(type_url, store, &outcome, inc) {
+        let Some(i) = inc.as_ref() else {
+            return nack;
+        };
+        match sink.apply_services(i.compiled(), &vips, store) {
+            Ok(()) => {
+                let mut s = lock(status);
+                s.applies += 1;
+                if collected {
+                    s.resources = store.summary();
+                } else {
+                    let held = store.of(type_url);
+                    let versions = s.resources.entry(short(type_url)).or_default();
                     for name in &outcome.upserted {
                         if let Some(h) = held.and_then(|m| m.get(name)) {
-                            s.resources
-                                .entry(short(ENDPOINT_TYPE))
-                                .or_default()
-                                .insert(name.clone(), h.version.clone());
+                            versions.insert(name.clone(), h.version.clone());
                         }
                     }
-                    return nack;
+                    for name in &outcome.removed {
+                        versions.remove(name);
+                    }
                 }
-                Err(e) => {
-                    restore(store, backup);
-                    *inc = Incremental::full(&store.resources().refs()).ok();
-                    let e = format!("writing the config to the kernel failed: {e}");
-                    tracing::error!("xDS NACK: {e}");
-                    return Some(e);
+                if type_url != ENDPOINT_TYPE {
+                    s.excluded = i
+                        .compiled()
+                        .excluded
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
                 }
+                return nack;
+            }
+            Err(e) => {
+                restore(store, backup);
+                *inc = Incremental::full(&store.resources().refs()).ok();
+                let e = format!("writing the config to the kernel failed: {e}");
+                tracing::error!("xDS NACK: {e}");
+                return Some(e);
             }
         }
     }
@@ -529,30 +540,37 @@ pub fn accept(
     nack
 }
 
-/// Applies changed ClusterLoadAssignments to the kept compile; the VIPs
-/// whose records changed, or `None` when a full compile is needed.
+/// Applies what a response changed to the kept compile; the VIPs whose
+/// records changed, or `None` when a full compile is needed (then `inc`
+/// is dropped).
 fn incremental(
+    type_url: &str,
     store: &Store,
-    names: &[String],
+    outcome: &Outcome,
     inc: &mut Option<Incremental>,
 ) -> Option<Vec<std::net::SocketAddr>> {
     let i = inc.as_mut()?;
-    let mut vips = Vec::new();
-    for n in names {
-        let cla = store.load_assignment(n)?;
-        let clusters = store.clusters_for_eds(n);
-        let clusters: Vec<_> = clusters.iter().collect();
-        match i.update_endpoints(&clusters, &cla) {
-            Some(v) => vips.extend(v),
-            None => {
-                *inc = None;
-                return None;
-            }
-        }
+    let names: Vec<String> = outcome
+        .upserted
+        .iter()
+        .chain(&outcome.removed)
+        .cloned()
+        .collect();
+    let mut ch = xds_adapter::Changes::default();
+    match type_url {
+        LISTENER_TYPE => ch.listeners = names,
+        ROUTE_TYPE => ch.route_configs = names,
+        CLUSTER_TYPE => ch.clusters = names,
+        ENDPOINT_TYPE => ch.load_assignments = names,
+        _ => return None,
     }
-    vips.sort_unstable();
-    vips.dedup();
-    Some(vips)
+    // Resources dropped by garbage collection are referenced by nothing
+    // held, so they change no service.
+    let vips = i.update(store, &ch);
+    if vips.is_none() {
+        *inc = None;
+    }
+    vips
 }
 
 fn rpc_status(message: String) -> RpcStatus {

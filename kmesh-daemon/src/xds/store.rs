@@ -334,22 +334,11 @@ impl Store {
             .collect()
     }
 
-    /// The held EDS clusters whose endpoints come from assignment
-    /// `eds_name`, decoded. Cost: a scan of the held clusters' references
-    /// and a decode of the matching ones.
-    pub fn clusters_for_eds(&self, eds_name: &str) -> Vec<Cluster> {
-        self.of(CLUSTER_TYPE)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter(|h| matches!(&h.refs, Refs::Eds(n) if n == eds_name))
-            .filter_map(|h| Cluster::decode(h.bytes.as_slice()).ok())
-            .collect()
-    }
-
-    /// One held ClusterLoadAssignment, decoded.
-    pub fn load_assignment(&self, name: &str) -> Option<ClusterLoadAssignment> {
-        let h = self.of(ENDPOINT_TYPE)?.get(name)?;
-        ClusterLoadAssignment::decode(h.bytes.as_slice()).ok()
+    /// One held resource, decoded (the bytes were checked when they
+    /// arrived; a decode that fails reads as absent).
+    pub fn decoded<M: Message + Default>(&self, type_url: &str, name: &str) -> Option<M> {
+        let h = self.of(type_url)?.get(name)?;
+        M::decode(h.bytes.as_slice()).ok()
     }
 
     /// The route configuration names the held listeners use through RDS.
@@ -396,6 +385,23 @@ impl Store {
                 )
             })
             .collect()
+    }
+}
+
+/// The adapter's incremental compile reads the changed resources from the
+/// store, decoding only those.
+impl xds_adapter::ResourceSource for Store {
+    fn listener(&self, name: &str) -> Option<Listener> {
+        self.decoded(LISTENER_TYPE, name)
+    }
+    fn route_config(&self, name: &str) -> Option<RouteConfiguration> {
+        self.decoded(ROUTE_TYPE, name)
+    }
+    fn cluster(&self, name: &str) -> Option<Cluster> {
+        self.decoded(CLUSTER_TYPE, name)
+    }
+    fn load_assignment(&self, name: &str) -> Option<ClusterLoadAssignment> {
+        self.decoded(ENDPOINT_TYPE, name)
     }
 }
 
