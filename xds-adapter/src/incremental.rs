@@ -84,8 +84,9 @@ pub struct Incremental {
     route_listeners: BTreeMap<String, BTreeSet<String>>,
     /// cluster → listeners that reference it (directly or by route).
     cluster_listeners: BTreeMap<String, BTreeSet<String>>,
-    /// ClusterLoadAssignment name → EDS clusters that take it.
+    /// ClusterLoadAssignment name → EDS clusters that take it, and back.
     cla_clusters: BTreeMap<String, BTreeSet<String>>,
+    cluster_cla: BTreeMap<String, String>,
     /// Problems and warnings by the resource they name (`listener "x"`).
     notes: BTreeMap<String, (Vec<ConfigError>, Vec<String>)>,
     /// Two listeners claimed one VIP in the last build: ownership depends
@@ -195,6 +196,7 @@ impl Incremental {
             route_listeners: BTreeMap::new(),
             cluster_listeners: BTreeMap::new(),
             cla_clusters: BTreeMap::new(),
+            cluster_cla: BTreeMap::new(),
             notes: BTreeMap::new(),
             contested: false,
         };
@@ -223,10 +225,7 @@ impl Incremental {
             set.convert(c, &clas, &mut d);
             inc.set_notes(cluster_label(&c.name), d);
             if let Some(n) = eds_name(c) {
-                inc.cla_clusters
-                    .entry(n)
-                    .or_default()
-                    .insert(c.name.clone());
+                inc.link_cla(&c.name, n);
             }
         }
         for name in clas.keys() {
@@ -372,6 +371,25 @@ impl Incremental {
     /// The current result.
     pub fn compiled(&self) -> &Compiled {
         &self.compiled
+    }
+
+    fn link_cla(&mut self, cluster: &str, cla: String) {
+        self.cla_clusters
+            .entry(cla.clone())
+            .or_default()
+            .insert(cluster.to_string());
+        self.cluster_cla.insert(cluster.to_string(), cla);
+    }
+
+    fn unlink_cla(&mut self, cluster: &str) {
+        if let Some(cla) = self.cluster_cla.remove(cluster) {
+            if let Some(u) = self.cla_clusters.get_mut(&cla) {
+                u.remove(cluster);
+                if u.is_empty() {
+                    self.cla_clusters.remove(&cla);
+                }
+            }
+        }
     }
 
     fn index_service(&mut self, l: ModelListener) {
@@ -521,10 +539,7 @@ impl Incremental {
                 )
             };
             let was = state(self);
-            for users in self.cla_clusters.values_mut() {
-                users.remove(name);
-            }
-            self.cla_clusters.retain(|_, u| !u.is_empty());
+            self.unlink_cla(name);
             let mut set = ClusterSet {
                 usable: std::mem::take(&mut self.mesh.clusters),
                 failed: std::mem::take(&mut self.failed),
@@ -541,10 +556,7 @@ impl Incremental {
                         map.insert(n.as_str(), cla);
                     }
                     if let Some(n) = &cla_name {
-                        self.cla_clusters
-                            .entry(n.clone())
-                            .or_default()
-                            .insert(name.clone());
+                        self.link_cla(name, n.clone());
                     }
                     set.convert(&c, &map, &mut d);
                 }
@@ -573,10 +585,16 @@ impl Incremental {
                 return None;
             }
             let mut old_routes = BTreeSet::new();
+            // The model listeners being rebuilt: a VIP whose model comes
+            // back equal (and whose clusters did not change, or it is in
+            // `touched` already) keeps its flat service as it is.
+            let mut old_models: BTreeMap<SocketAddr, ModelListener> = BTreeMap::new();
             for n in &relisten {
                 for v in self.listener_vips.remove(n).unwrap_or_default() {
+                    if let Some(m) = self.by_vip.get(&v) {
+                        old_models.insert(v, m.clone());
+                    }
                     self.unindex_service(v);
-                    touched.insert(v);
                 }
                 if let Some((routes, _)) = self.listener_deps.get(n) {
                     old_routes.extend(routes.iter().cloned());
@@ -599,13 +617,22 @@ impl Incremental {
                     );
                 }
                 self.index_listener(n, refs);
-                let before: BTreeSet<SocketAddr> = self.by_vip.keys().copied().collect();
                 if self.build_one(&l, &rcs.iter().collect::<Vec<_>>()).is_err() {
                     // Who owns a contested VIP depends on listener order.
                     return None;
                 }
-                touched.extend(self.by_vip.keys().filter(|v| !before.contains(v)));
+                for v in self.listener_vips.get(n).into_iter().flatten() {
+                    if old_models.get(v) != self.by_vip.get(v) {
+                        touched.insert(*v);
+                    }
+                }
                 notes_changed = true;
+            }
+            // VIPs no rebuilt listener owns any more.
+            for v in old_models.keys() {
+                if !self.by_vip.contains_key(v) {
+                    touched.insert(*v);
+                }
             }
             // Route configurations no listener takes any more report
             // their own problems.

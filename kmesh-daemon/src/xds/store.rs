@@ -306,20 +306,58 @@ impl Store {
         out
     }
 
-    /// Drops EDS/RDS resources that no held cluster/listener references.
-    /// Returns true when something was dropped.
-    pub fn collect_garbage(&mut self) -> bool {
-        let eds = self.eds_names();
-        let rds = self.rds_names();
-        let mut changed = false;
-        for (t, keep) in [(ENDPOINT_TYPE, eds), (ROUTE_TYPE, rds)] {
+    /// Drops EDS/RDS resources that no held cluster/listener references,
+    /// and returns them (type, name, resource) so that a failed update
+    /// can put them back. `candidates`: the only EDS/RDS names that may
+    /// have lost their last reference (those the changed clusters and
+    /// listeners referenced before), or `None` to check everything. Cost:
+    /// O(held clusters and listeners × candidates), no copies.
+    pub fn collect_garbage(
+        &mut self,
+        candidates: Option<&BTreeSet<String>>,
+    ) -> Vec<(&'static str, String, Held)> {
+        let mut out = Vec::new();
+        for (t, owner) in [(ENDPOINT_TYPE, CLUSTER_TYPE), (ROUTE_TYPE, LISTENER_TYPE)] {
+            let referenced = |s: &Store, n: &str| {
+                s.of(owner)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .any(|h| match &h.refs {
+                        Refs::Eds(e) => e == n,
+                        Refs::Rds(r) => r.iter().any(|r| r == n),
+                        Refs::None => false,
+                    })
+            };
+            let gone: Vec<String> = match candidates {
+                Some(c) => c
+                    .iter()
+                    .filter(|n| self.of(t).is_some_and(|m| m.contains_key(*n)))
+                    .filter(|n| !referenced(self, n))
+                    .cloned()
+                    .collect(),
+                None => {
+                    let keep = if t == ENDPOINT_TYPE {
+                        self.eds_names()
+                    } else {
+                        self.rds_names()
+                    };
+                    self.of(t)
+                        .into_iter()
+                        .flat_map(|m| m.keys())
+                        .filter(|k| !keep.contains(*k))
+                        .cloned()
+                        .collect()
+                }
+            };
             if let Some(m) = self.types.get_mut(t) {
-                let before = m.len();
-                m.retain(|k, _| keep.contains(k));
-                changed |= m.len() != before;
+                for n in gone {
+                    if let Some(h) = m.remove(&n) {
+                        out.push((t, n, h));
+                    }
+                }
             }
         }
-        changed
+        out
     }
 
     /// The ClusterLoadAssignment names the held EDS clusters need.
