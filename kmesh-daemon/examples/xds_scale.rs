@@ -292,7 +292,7 @@ fn main() {
         let i = ((k / 2) * 7919 + 1) % services;
         let n = name(i);
         let mut eps: Vec<SocketAddr> = (0..per).map(|j| endpoint(i, j)).collect();
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             eps.push(endpoint(i, per));
         }
         (ENDPOINT_TYPE, n.clone(), to_any(&r::cla(&n, &eps)))
@@ -304,7 +304,7 @@ fn main() {
         let i = ((k / 2) * 7919 + 3) % services;
         let n = name(i);
         let mut c = r::eds_cluster(&n);
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             c.lb_policy =
                 envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy::Random as i32;
         }
@@ -316,7 +316,7 @@ fn main() {
     // back (its VIP's slots are rewritten).
     let lds = |k: usize| {
         let i = (((k / 2) * 7919) % (services / 2)) * 2;
-        let target = if k % 2 == 0 {
+        let target = if k.is_multiple_of(2) {
             name((i + 2) % services)
         } else {
             name(i)
@@ -345,7 +345,7 @@ fn main() {
             .iter()
             .enumerate()
             .map(|(x, (a, b, c))| {
-                let c = if x == j && k % 2 == 0 {
+                let c = if x == j && k.is_multiple_of(2) {
                     vhosts[&port][(j + 1) % vhosts[&port].len()].2.as_str()
                 } else {
                     c.as_str()

@@ -255,7 +255,7 @@ pub(crate) fn build_listeners(
                     conv.address,
                     &chains,
                     &resolved,
-                    &passthrough,
+                    passthrough,
                     d,
                     &res,
                 ));
@@ -324,7 +324,7 @@ pub(crate) fn build_listeners(
         // A route to an ORIGINAL_DST cluster is Envoy's passthrough:
         // the connect goes where it was dialled, which is what the
         // kernel does for a destination it does not hold.
-        candidates.retain(|(address, route, _, _)| match passthrough_of(route, &passthrough) {
+        candidates.retain(|(address, route, _, _)| match passthrough_of(route, passthrough) {
             Passthrough::None => true,
             Passthrough::All => false,
             Passthrough::Some(c) => {

@@ -59,7 +59,7 @@ pub fn check_cluster(c: &Cluster) -> Result<Vec<String>, ConfigErrors> {
     // BlackHoleCluster) is valid for Envoy: it refuses connections. The
     // kernel cannot refuse at connect time, so it installs no route to it
     // and such connects are left alone.
-    let is_static = matches!(c.cluster_discovery_type, None)
+    let is_static = c.cluster_discovery_type.is_none()
         || matches!(c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Static as i32);
     let listed: usize = c
         .load_assignment

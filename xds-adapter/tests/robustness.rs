@@ -520,6 +520,10 @@ fn random_meshes_have_exact_shares() {
 /// and when they all agree on one cluster, it is installed. The oracle
 /// below is written from Envoy's selection rules, independently of the
 /// adapter's.
+/// A random filter chain: (destination_port, prefix range, has a
+/// server_names condition, cluster).
+type Chain = (Option<u32>, Option<(&'static str, u32)>, bool, &'static str);
+
 #[test]
 fn matched_chains_never_route_where_envoy_might_not() {
     const PORT: u32 = 7000;
@@ -538,7 +542,7 @@ fn matched_chains_never_route_where_envoy_might_not() {
     for _ in 0..2000 {
         // (port, prefix, opaque condition, cluster)
         let n = 1 + rng.below(5);
-        let mut chains: Vec<(Option<u32>, Option<(&str, u32)>, bool, &str)> = Vec::new();
+        let mut chains: Vec<Chain> = Vec::new();
         for _ in 0..n {
             let port = match rng.below(4) {
                 0 => Some(PORT),
@@ -553,7 +557,7 @@ fn matched_chains_never_route_where_envoy_might_not() {
             ));
         }
         let default = rng.chance(70).then(|| *rng.pick(&clusters));
-        let chain_json = |c: &(Option<u32>, Option<(&str, u32)>, bool, &str)| {
+        let chain_json = |c: &Chain| {
             let mut m = serde_json::Map::new();
             if let Some(p) = c.0 {
                 m.insert("destination_port".into(), json!(p));
