@@ -16,20 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::mesh;
 
-fn envoy_path() -> PathBuf {
-    let p = std::env::var_os("KMESH_TEST_ENVOY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/envoy")
-        });
-    assert!(
-        p.exists(),
-        "Envoy not found at {} (hint: `cargo xtask setup` installs it; or set KMESH_TEST_ENVOY)",
-        p.display()
-    );
-    p
-}
-
 /// Envoy, killed on drop.
 struct Envoy(Child, PathBuf);
 
@@ -136,7 +122,7 @@ fn kernel_and_envoy_route_each_vip_to_the_same_backends() {
     let child = Command::new("nsenter")
         .arg(format!("--net={}", envoy_pod.netns_path.display()))
         .arg("--")
-        .arg(envoy_path())
+        .arg(kmesh_daemon::xds::fixture::envoy_binary())
         .args(["--disable-hot-restart", "--log-level", "warn", "-c"])
         .arg(&file)
         .stdout(Stdio::null())

@@ -109,24 +109,70 @@ impl Drop for Kill {
     }
 }
 
-#[test]
-fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
+/// A node with a `client` pod, servers `srv0` and `srv1` on :8080, and a
+/// catcher named `node` on `vips` (what reaches it was left alone).
+fn node_with_two_servers(
+    prefix: &str,
+    vips: &[SocketAddr],
+) -> (
+    bpf_tests::Node,
+    bpf_tests::Pod,
+    bpf_tests::Pod,
+    bpf_tests::Pod,
+) {
     bpf_tests::require_root();
-    let web: SocketAddr = "10.96.0.10:80".parse().unwrap();
-    let api: SocketAddr = "10.96.0.11:80".parse().unwrap();
-    let mut node = bpf_tests::Node::new("kmx", Path::new(TESTPOD)).unwrap();
+    let mut node = bpf_tests::Node::new(prefix, Path::new(TESTPOD)).unwrap();
     let client = node.add_pod("client").unwrap();
     let srv0 = node.add_pod("srv0").unwrap();
     let srv1 = node.add_pod("srv1").unwrap();
     node.serve(&srv0, "srv0", &[srv0.addr4(8080)]).unwrap();
     node.serve(&srv1, "srv1", &[srv1.addr4(8080)]).unwrap();
-    node.serve_on_node("node", &[web, api]).unwrap();
+    node.serve_on_node("node", vips).unwrap();
+    (node, client, srv0, srv1)
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// Starts the daemon and waits until it is ready: (daemon, admin, metrics).
+fn start_daemon(
+    uri: &str,
+    node: &bpf_tests::Node,
+    client: &bpf_tests::Pod,
+    bpffs: &Bpffs,
+) -> (Kill, SocketAddr, SocketAddr) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut daemon = Kill(spawn_daemon(uri, node, client, bpffs, admin, metrics));
+    wait("daemon ready", || {
+        assert!(
+            daemon.0.try_wait().unwrap().is_none(),
+            "daemon exited early"
+        );
+        http_get(admin, "/debug/ready").map(|r| r.0) == Some(200)
+    });
+    (daemon, admin, metrics)
+}
+
+/// SIGTERM: clean exit, nothing left pinned.
+fn stop_daemon(mut daemon: Kill, bpffs: &Bpffs) {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    wait("daemon exit", || daemon.0.try_wait().unwrap().is_some());
+    assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
+}
+
+#[test]
+fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
+    let web: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let api: SocketAddr = "10.96.0.11:80".parse().unwrap();
+    let (node, client, srv0, srv1) = node_with_two_servers("kmx", &[web, api]);
+    let rt = runtime();
     let f = rt.block_on(AdsFixture::start()).unwrap();
     f.set(
         CLUSTER_TYPE,
@@ -176,23 +222,7 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
     );
 
     let bpffs = Bpffs::new();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut daemon = Kill(spawn_daemon(
-        &f.uri(),
-        &node,
-        &client,
-        &bpffs,
-        admin,
-        metrics,
-    ));
-    wait("daemon ready", || {
-        assert!(
-            daemon.0.try_wait().unwrap().is_none(),
-            "daemon exited early"
-        );
-        http_get(admin, "/debug/ready").map(|r| r.0) == Some(200)
-    });
+    let (daemon, admin, metrics) = start_daemon(&f.uri(), &node, &client, &bpffs);
     // Both services present (the first apply may precede RDS).
     wait("both services in the kernel", || {
         json(admin, "/debug/config_dump/bpf/kernel-native")["services"]
@@ -293,11 +323,7 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
     assert!(value("kmesh_xds_responses_total{type=\"CDS\",result=\"ack\"}") >= 1.0);
     assert!(value("kmesh_xds_streams_total") >= 1.0);
 
-    // SIGTERM: clean exit.
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-    wait("daemon exit", || daemon.0.try_wait().unwrap().is_some());
-    assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
+    stop_daemon(daemon, &bpffs);
     drop(f);
 }
 
@@ -310,16 +336,9 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
 /// dropped (the VIP is routed), the listener removed (both left alone).
 #[test]
 fn istio_multi_chain_listeners_route_only_what_connect_time_decides() {
-    bpf_tests::require_root();
     let mongo: SocketAddr = "10.96.0.20:80".parse().unwrap();
     let replica: SocketAddr = "10.96.0.21:80".parse().unwrap();
-    let mut node = bpf_tests::Node::new("kmi", Path::new(TESTPOD)).unwrap();
-    let client = node.add_pod("client").unwrap();
-    let srv0 = node.add_pod("srv0").unwrap();
-    let srv1 = node.add_pod("srv1").unwrap();
-    node.serve(&srv0, "srv0", &[srv0.addr4(8080)]).unwrap();
-    node.serve(&srv1, "srv1", &[srv1.addr4(8080)]).unwrap();
-    node.serve_on_node("node", &[mongo, replica]).unwrap();
+    let (node, client, srv0, srv1) = node_with_two_servers("kmi", &[mongo, replica]);
 
     let listener = |sni: bool| {
         let sni = if sni {
@@ -382,11 +401,7 @@ fn istio_multi_chain_listeners_route_only_what_connect_time_decides() {
             .collect::<Vec<_>>()
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let f = rt.block_on(AdsFixture::start()).unwrap();
     f.set(
         CLUSTER_TYPE,
@@ -399,16 +414,7 @@ fn istio_multi_chain_listeners_route_only_what_connect_time_decides() {
     f.set(LISTENER_TYPE, listeners(true));
 
     let bpffs = Bpffs::new();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut daemon = Kill(spawn_daemon(
-        &f.uri(),
-        &node,
-        &client,
-        &bpffs,
-        admin,
-        metrics,
-    ));
+    let (daemon, admin, _) = start_daemon(&f.uri(), &node, &client, &bpffs);
     let services = || -> Vec<String> {
         json(admin, "/debug/config_dump/bpf/kernel-native")["services"]
             .as_array()
@@ -417,13 +423,6 @@ fn istio_multi_chain_listeners_route_only_what_connect_time_decides() {
             .map(|s| s["vip"].as_str().unwrap().to_string())
             .collect()
     };
-    wait("daemon ready", || {
-        assert!(
-            daemon.0.try_wait().unwrap().is_none(),
-            "daemon exited early"
-        );
-        http_get(admin, "/debug/ready").map(|r| r.0) == Some(200)
-    });
     wait("mongo in the kernel", || {
         services() == vec![mongo.to_string()]
     });
@@ -465,9 +464,6 @@ fn istio_multi_chain_listeners_route_only_what_connect_time_decides() {
         .count();
     assert_eq!(nacks, 0, "{:?}", f.events());
 
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-    wait("daemon exit", || daemon.0.try_wait().unwrap().is_some());
-    assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
+    stop_daemon(daemon, &bpffs);
     drop(f);
 }

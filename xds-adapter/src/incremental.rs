@@ -201,19 +201,7 @@ impl Incremental {
             contested: false,
         };
         let mut global = Diag::default();
-        let mut clas = BTreeMap::new();
-        for &cla in &r.load_assignments {
-            let res = cla_label(&cla.cluster_name);
-            if cla.cluster_name.is_empty() {
-                global.error(
-                    &res,
-                    "cluster_name",
-                    "ClusterLoadAssignment has no cluster_name",
-                );
-            } else if clas.insert(cla.cluster_name.as_str(), cla).is_some() {
-                global.error(&res, "cluster_name", "duplicate ClusterLoadAssignment");
-            }
-        }
+        let clas = crate::mesh::load_assignments_by_name(r, &mut global);
         let mut set = ClusterSet::default();
         let mut seen = BTreeSet::new();
         for &c in &r.clusters {

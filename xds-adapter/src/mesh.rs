@@ -64,20 +64,7 @@ impl MeshConfig {
     ) -> (MeshConfig, Vec<ConfigError>, ClusterSet) {
         let mut d = Diag::default();
 
-        // ClusterLoadAssignments (for EDS clusters), by cluster name.
-        let mut clas = BTreeMap::new();
-        for &cla in &r.load_assignments {
-            let res = cla_label(&cla.cluster_name);
-            if cla.cluster_name.is_empty() {
-                d.error(
-                    &res,
-                    "cluster_name",
-                    "ClusterLoadAssignment has no cluster_name",
-                );
-            } else if clas.insert(cla.cluster_name.as_str(), cla).is_some() {
-                d.error(&res, "cluster_name", "duplicate ClusterLoadAssignment");
-            }
-        }
+        let clas = load_assignments_by_name(r, &mut d);
 
         let mut set = ClusterSet::default();
         let mut seen = BTreeSet::new();
@@ -129,6 +116,28 @@ impl MeshConfig {
             set,
         )
     }
+}
+
+/// ClusterLoadAssignments (for EDS clusters), by cluster name; unnamed
+/// and duplicate ones are errors.
+pub(crate) fn load_assignments_by_name<'a>(
+    r: &ResourceRefs<'a>,
+    d: &mut Diag,
+) -> BTreeMap<&'a str, &'a envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment> {
+    let mut clas = BTreeMap::new();
+    for &cla in &r.load_assignments {
+        let res = cla_label(&cla.cluster_name);
+        if cla.cluster_name.is_empty() {
+            d.error(
+                &res,
+                "cluster_name",
+                "ClusterLoadAssignment has no cluster_name",
+            );
+        } else if clas.insert(cla.cluster_name.as_str(), cla).is_some() {
+            d.error(&res, "cluster_name", "duplicate ClusterLoadAssignment");
+        }
+    }
+    clas
 }
 
 /// The clusters of a config, converted once and shared by every listener

@@ -567,58 +567,63 @@ fn clusters_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Diag
 }
 
 fn endpoints_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Diag) {
-    let allowed = ["static_endpoint_configs", "dynamic_endpoint_configs"];
-    let Some(w) = Wrapper::new(entry, &allowed, CONFIG_DUMP, path, diag) else {
-        return;
-    };
-    let members = [
-        "version_info",
+    let lists = ["static_endpoint_configs", "dynamic_endpoint_configs"];
+    res.load_assignments.extend(config_list(
+        entry,
+        path,
+        diag,
+        lists,
         "endpoint_config",
-        "last_updated",
-        "error_state",
-        "client_status",
-    ];
-    for list in allowed {
-        for (p, item) in w.list(list, CONFIG_DUMP, path, diag) {
-            let Some(s) = Wrapper::new(item, &members, CONFIG_DUMP, &p, diag) else {
-                continue;
-            };
-            if let Some((k, e)) = s.get("endpoint_config") {
-                let p = join(&p, k);
-                if let Some(e) = resource(e, Kind::LoadAssignment, CONFIG_DUMP, &p, diag) {
-                    res.load_assignments.push(e);
-                }
-            }
-        }
-    }
+        Kind::LoadAssignment,
+    ));
 }
 
 /// Route configurations, for listeners that take theirs by RDS.
 fn routes_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Diag) {
-    let allowed = ["static_route_configs", "dynamic_route_configs"];
-    let Some(w) = Wrapper::new(entry, &allowed, CONFIG_DUMP, path, diag) else {
-        return;
+    let lists = ["static_route_configs", "dynamic_route_configs"];
+    res.route_configs.extend(config_list(
+        entry,
+        path,
+        diag,
+        lists,
+        "route_config",
+        Kind::RouteConfig,
+    ));
+}
+
+/// The resources of a dump made of two lists (`lists`) of entries
+/// `{version_info, <member>: resource, last_updated, …}`.
+fn config_list<M: prost::Message + Default>(
+    entry: &Value,
+    path: &str,
+    diag: &mut Diag,
+    lists: [&str; 2],
+    member: &str,
+    kind: Kind,
+) -> Vec<M> {
+    let mut out = Vec::new();
+    let Some(w) = Wrapper::new(entry, &lists, CONFIG_DUMP, path, diag) else {
+        return out;
     };
     let members = [
         "version_info",
-        "route_config",
+        member,
         "last_updated",
         "error_state",
         "client_status",
     ];
-    for list in allowed {
+    for list in lists {
         for (p, item) in w.list(list, CONFIG_DUMP, path, diag) {
             let Some(s) = Wrapper::new(item, &members, CONFIG_DUMP, &p, diag) else {
                 continue;
             };
-            if let Some((k, r)) = s.get("route_config") {
+            if let Some((k, e)) = s.get(member) {
                 let p = join(&p, k);
-                if let Some(r) = resource(r, Kind::RouteConfig, CONFIG_DUMP, &p, diag) {
-                    res.route_configs.push(r);
-                }
+                out.extend(resource(e, kind, CONFIG_DUMP, &p, diag));
             }
         }
     }
+    out
 }
 
 #[cfg(test)]
