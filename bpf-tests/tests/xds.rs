@@ -3,7 +3,9 @@
 //! listener, and an HTTP listener whose VIP comes from RDS virtual host
 //! domains) are reachable, an endpoint update under load takes effect
 //! without one failed connect, a bad listener is NACKed while routing goes
-//! on, and the two config dumps agree.
+//! on, and the two config dumps agree; Istiod's multi-chain listener shapes
+//! route exactly the destinations decidable at connect time and leave the
+//! others alone, through incremental listener updates and removals.
 
 mod common;
 
@@ -26,7 +28,9 @@ struct Bpffs(PathBuf);
 
 impl Bpffs {
     fn new() -> Bpffs {
-        let dir = std::env::temp_dir().join(format!("kmt-{}-xds.bpffs", std::process::id()));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("kmt-{}-{n}-xds.bpffs", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ok = Command::new("mount")
             .args(["-t", "bpf", "bpf"])
@@ -67,24 +71,108 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
+/// The daemon binary against the fixture at `uri`, with `client` enrolled.
+fn spawn_daemon(
+    uri: &str,
+    node: &bpf_tests::Node,
+    client: &bpf_tests::Pod,
+    bpffs: &Bpffs,
+    admin: SocketAddr,
+    metrics: SocketAddr,
+) -> std::process::Child {
+    Command::new(workspace_bin("kmesh-daemon"))
+        .arg("--xds-address")
+        .arg(uri)
+        .arg("--enroll-netns")
+        .arg(&client.netns_path)
+        .arg("--cgroup2-path")
+        .arg(&node.cgroup)
+        .arg("--bpf-fs-path")
+        .arg(&bpffs.0)
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .arg("--metrics-addr")
+        .arg(metrics.to_string())
+        .env_remove("XDS_ADDRESS")
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Kills the daemon if the test fails before SIGTERM.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A node with a `client` pod, servers `srv0` and `srv1` on :8080, and a
+/// catcher named `node` on `vips` (what reaches it was left alone).
+fn node_with_two_servers(
+    prefix: &str,
+    vips: &[SocketAddr],
+) -> (
+    bpf_tests::Node,
+    bpf_tests::Pod,
+    bpf_tests::Pod,
+    bpf_tests::Pod,
+) {
     bpf_tests::require_root();
-    let web: SocketAddr = "10.96.0.10:80".parse().unwrap();
-    let api: SocketAddr = "10.96.0.11:80".parse().unwrap();
-    let mut node = bpf_tests::Node::new("kmx", Path::new(TESTPOD)).unwrap();
+    let mut node = bpf_tests::Node::new(prefix, Path::new(TESTPOD)).unwrap();
     let client = node.add_pod("client").unwrap();
     let srv0 = node.add_pod("srv0").unwrap();
     let srv1 = node.add_pod("srv1").unwrap();
     node.serve(&srv0, "srv0", &[srv0.addr4(8080)]).unwrap();
     node.serve(&srv1, "srv1", &[srv1.addr4(8080)]).unwrap();
-    node.serve_on_node("node", &[web, api]).unwrap();
+    node.serve_on_node("node", vips).unwrap();
+    (node, client, srv0, srv1)
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// Starts the daemon and waits until it is ready: (daemon, admin, metrics).
+fn start_daemon(
+    uri: &str,
+    node: &bpf_tests::Node,
+    client: &bpf_tests::Pod,
+    bpffs: &Bpffs,
+) -> (Kill, SocketAddr, SocketAddr) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut daemon = Kill(spawn_daemon(uri, node, client, bpffs, admin, metrics));
+    wait("daemon ready", || {
+        assert!(
+            daemon.0.try_wait().unwrap().is_none(),
+            "daemon exited early"
+        );
+        http_get(admin, "/debug/ready").map(|r| r.0) == Some(200)
+    });
+    (daemon, admin, metrics)
+}
+
+/// SIGTERM: clean exit, nothing left pinned.
+fn stop_daemon(mut daemon: Kill, bpffs: &Bpffs) {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    wait("daemon exit", || daemon.0.try_wait().unwrap().is_some());
+    assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
+}
+
+#[test]
+fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
+    let web: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let api: SocketAddr = "10.96.0.11:80".parse().unwrap();
+    let (node, client, srv0, srv1) = node_with_two_servers("kmx", &[web, api]);
+    let rt = runtime();
     let f = rt.block_on(AdsFixture::start()).unwrap();
     f.set(
         CLUSTER_TYPE,
@@ -134,41 +222,7 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
     );
 
     let bpffs = Bpffs::new();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let daemon = Command::new(workspace_bin("kmesh-daemon"))
-        .arg("--xds-address")
-        .arg(f.uri())
-        .arg("--enroll-netns")
-        .arg(&client.netns_path)
-        .arg("--cgroup2-path")
-        .arg(&node.cgroup)
-        .arg("--bpf-fs-path")
-        .arg(&bpffs.0)
-        .arg("--admin-addr")
-        .arg(admin.to_string())
-        .arg("--metrics-addr")
-        .arg(metrics.to_string())
-        .env_remove("XDS_ADDRESS")
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    /// Kills the daemon if the test fails before SIGTERM.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut daemon = Kill(daemon);
-    wait("daemon ready", || {
-        assert!(
-            daemon.0.try_wait().unwrap().is_none(),
-            "daemon exited early"
-        );
-        http_get(admin, "/debug/ready").map(|r| r.0) == Some(200)
-    });
+    let (daemon, admin, metrics) = start_daemon(&f.uri(), &node, &client, &bpffs);
     // Both services present (the first apply may precede RDS).
     wait("both services in the kernel", || {
         json(admin, "/debug/config_dump/bpf/kernel-native")["services"]
@@ -269,10 +323,147 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
     assert!(value("kmesh_xds_responses_total{type=\"CDS\",result=\"ack\"}") >= 1.0);
     assert!(value("kmesh_xds_streams_total") >= 1.0);
 
-    // SIGTERM: clean exit.
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-    wait("daemon exit", || daemon.0.try_wait().unwrap().is_some());
-    assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
+    stop_daemon(daemon, &bpffs);
+    drop(f);
+}
+
+/// Istiod's shapes (per-port wildcard listener with one chain per VIP, an
+/// SNI-matched chain, a passthrough default chain, `virtualOutbound`,
+/// ORIGINAL_DST and black-hole clusters): ACKed; the VIP named by a plain
+/// prefix chain is routed by the kernel, the VIP whose chain depends on
+/// the TLS server name is left alone (the connect reaches the VIP itself).
+/// Then listener updates on the incremental path: the SNI condition
+/// dropped (the VIP is routed), the listener removed (both left alone).
+#[test]
+fn istio_multi_chain_listeners_route_only_what_connect_time_decides() {
+    let mongo: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let replica: SocketAddr = "10.96.0.21:80".parse().unwrap();
+    let (node, client, srv0, srv1) = node_with_two_servers("kmi", &[mongo, replica]);
+
+    let listener = |sni: bool| {
+        let sni = if sni {
+            ", server_names: [replica.example.com]"
+        } else {
+            ""
+        };
+        let tcp = |c: &str| {
+            format!(
+                "filters: [{{name: envoy.filters.network.tcp_proxy, typed_config: {{\"@type\": {}, stat_prefix: {c}, cluster: {c}}}}}]",
+                xds_adapter::TCP_PROXY_TYPE_URL
+            )
+        };
+        format!(
+            "static_resources:
+  listeners:
+  - name: 0.0.0.0_80
+    address: {{socket_address: {{address: 0.0.0.0, port_value: 80}}}}
+    traffic_direction: OUTBOUND
+    bind_to_port: false
+    filter_chains:
+    - filter_chain_match: {{prefix_ranges: [{{address_prefix: 10.96.0.20, prefix_len: 32}}]}}
+      {}
+    - filter_chain_match: {{prefix_ranges: [{{address_prefix: 10.96.0.21, prefix_len: 32}}]{sni}}}
+      {}
+    default_filter_chain:
+      name: PassthroughFilterChain
+      {}
+  - name: virtualOutbound
+    address: {{socket_address: {{address: 0.0.0.0, port_value: 15001}}}}
+    use_original_dst: true
+    filter_chains:
+    - {}
+",
+            tcp("mongo"),
+            tcp("replica"),
+            tcp("PassthroughCluster"),
+            tcp("PassthroughCluster"),
+        )
+    };
+    let clusters = format!(
+        "static_resources:
+  clusters:
+  - {{name: PassthroughCluster, type: ORIGINAL_DST, lb_policy: CLUSTER_PROVIDED, connect_timeout: 10s}}
+  - {{name: BlackHoleCluster, type: STATIC, connect_timeout: 10s}}
+  - name: mongo
+    load_assignment: {{cluster_name: mongo, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: 8080}}}}}}}}]}}]}}
+  - name: replica
+    load_assignment: {{cluster_name: replica, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: 8080}}}}}}}}]}}]}}
+",
+        srv0.addr4(8080).ip(),
+        srv1.addr4(8080).ip()
+    );
+    let parse = |y: &str| xds_adapter::parse_static_config(y).unwrap();
+    let listeners = |sni: bool| {
+        parse(&listener(sni))
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), to_any(l)))
+            .collect::<Vec<_>>()
+    };
+
+    let rt = runtime();
+    let f = rt.block_on(AdsFixture::start()).unwrap();
+    f.set(
+        CLUSTER_TYPE,
+        parse(&clusters)
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), to_any(c)))
+            .collect(),
+    );
+    f.set(LISTENER_TYPE, listeners(true));
+
+    let bpffs = Bpffs::new();
+    let (daemon, admin, _) = start_daemon(&f.uri(), &node, &client, &bpffs);
+    let services = || -> Vec<String> {
+        json(admin, "/debug/config_dump/bpf/kernel-native")["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["vip"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait("mongo in the kernel", || {
+        services() == vec![mongo.to_string()]
+    });
+    let r = node.connect(&client, mongo, 10).unwrap();
+    assert_eq!((r.count("srv0"), r.errors), (10, 0), "{r:?}");
+    let r = node.connect(&client, replica, 10).unwrap();
+    assert_eq!((r.count("node"), r.errors), (10, 0), "left alone: {r:?}");
+    let held = json(admin, "/debug/config_dump/kernel-native");
+    let warnings = held["warnings"].to_string();
+    assert!(
+        warnings.contains("10.96.0.21:80: not installed, connects are left alone"),
+        "{held}"
+    );
+    assert!(
+        held["xds"]["last_nack"].as_object().unwrap().is_empty(),
+        "{held}"
+    );
+
+    // The SNI condition goes: the replica VIP is routed (incremental LDS).
+    f.set(LISTENER_TYPE, listeners(false));
+    wait("replica in the kernel", || services().len() == 2);
+    let r = node.connect(&client, replica, 10).unwrap();
+    assert_eq!((r.count("srv1"), r.errors), (10, 0), "{r:?}");
+    // The listener goes: both VIPs are left alone again.
+    f.set(
+        LISTENER_TYPE,
+        listeners(false)
+            .into_iter()
+            .filter(|(n, _)| n == "virtualOutbound")
+            .collect(),
+    );
+    wait("no service in the kernel", || services().is_empty());
+    let r = node.connect(&client, mongo, 10).unwrap();
+    assert_eq!((r.count("node"), r.errors), (10, 0), "{r:?}");
+    let nacks = f
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == Kind::Nack)
+        .count();
+    assert_eq!(nacks, 0, "{:?}", f.events());
+
+    stop_daemon(daemon, &bpffs);
     drop(f);
 }

@@ -485,10 +485,9 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Rewrites only the services at `vips` (taken from `cfg`), leaving all
-    /// others untouched: the incremental path for endpoint changes. A VIP
-    /// not in `cfg` is ignored. On error the kernel keeps the previous
-    /// records of those services.
+    /// Makes the services at `vips` what `cfg` says, leaving all others
+    /// untouched: the incremental path. A VIP not in `cfg` is removed. On
+    /// error the kernel keeps the previous records of those services.
     pub fn apply_services(
         &mut self,
         cfg: &FlatConfig,
@@ -499,7 +498,12 @@ impl Dataplane {
             .filter_map(|v| cfg.services.get(v))
             .map(desired_record)
             .collect();
-        Ok(self.table.apply_subset(&mut self.maps, &some)?)
+        let gone: Vec<SockAddr> = vips
+            .iter()
+            .filter(|v| !cfg.services.contains_key(v))
+            .map(|v| xds_adapter::addr::to_abi(*v))
+            .collect();
+        Ok(self.table.apply_subset(&mut self.maps, &some, &gone)?)
     }
 
     /// Puts a network namespace (by cookie) under management.

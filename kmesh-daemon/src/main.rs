@@ -341,6 +341,9 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             for w in &flat.warnings {
                 tracing::warn!("config: {w}");
             }
+            // The parsed resources and the text are gone; give their pages back.
+            drop(text);
+            sys::release_freed_memory();
             flat
         }
         // The control plane fills the maps; until then connects are left alone.

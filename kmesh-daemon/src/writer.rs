@@ -144,26 +144,40 @@ impl ServiceTable {
         maps: &mut M,
         desired: &BTreeMap<SockAddr, DesiredService>,
     ) -> Result<ApplySummary, ApplyError> {
-        self.apply_impl(maps, desired, true)
+        let gone: Vec<SockAddr> = self
+            .installed
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        self.apply_impl(maps, desired, gone)
     }
 
     /// Makes the kernel hold `some` for the services listed, leaving every
     /// other service as it is (same protocol and guarantees as
     /// [`ServiceTable::apply`]). Cost: O(listed services' slots), not
     /// O(all services): the path for an endpoint change.
+    /// `gone`: services to remove (after the others are switched; a VIP
+    /// also in `some`, or not installed, is not removed).
     pub fn apply_subset<M: ServiceMaps>(
         &mut self,
         maps: &mut M,
         some: &BTreeMap<SockAddr, DesiredService>,
+        gone: &[SockAddr],
     ) -> Result<ApplySummary, ApplyError> {
-        self.apply_impl(maps, some, false)
+        let gone: Vec<SockAddr> = gone
+            .iter()
+            .filter(|k| !some.contains_key(k) && self.installed.contains_key(k))
+            .copied()
+            .collect();
+        self.apply_impl(maps, some, gone)
     }
 
     fn apply_impl<M: ServiceMaps>(
         &mut self,
         maps: &mut M,
         desired: &BTreeMap<SockAddr, DesiredService>,
-        complete: bool,
+        removed: Vec<SockAddr>,
     ) -> Result<ApplySummary, ApplyError> {
         let mut summary = ApplySummary::default();
         let mut todo: Vec<(SockAddr, &DesiredService)> = Vec::new();
@@ -184,15 +198,6 @@ impl ServiceTable {
                 }
             }
         }
-        let removed: Vec<SockAddr> = if complete {
-            self.installed
-                .keys()
-                .filter(|k| !desired.contains_key(k))
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
         summary.removed = removed.len();
 
         // Capacity at the peak: old slots and ids stay until the switch.
@@ -473,7 +478,7 @@ mod tests {
         .unwrap();
         let writes = maps.writes;
         let s = t
-            .apply_subset(&mut maps, &desired(&[(vip1, LB_ROUND_ROBIN, &[a, b])]))
+            .apply_subset(&mut maps, &desired(&[(vip1, LB_ROUND_ROBIN, &[a, b])]), &[])
             .unwrap();
         assert_eq!((s.changed, s.removed, s.unchanged), (1, 0, 0));
         // 2 slots + 1 service entry; vip2 untouched and still routed.

@@ -16,20 +16,6 @@ use kmesh_daemon::xds::to_any;
 
 const T: Duration = Duration::from_secs(30);
 
-fn envoy_path() -> PathBuf {
-    let p = std::env::var_os("KMESH_TEST_ENVOY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/envoy")
-        });
-    assert!(
-        p.exists(),
-        "Envoy not found at {} (hint: `cargo xtask test` installs it; or set KMESH_TEST_ENVOY)",
-        p.display()
-    );
-    p
-}
-
 struct Envoy(Child, PathBuf);
 
 impl Drop for Envoy {
@@ -76,7 +62,7 @@ static_resources:
         ads.port()
     ));
     std::fs::write(&path, bootstrap).unwrap();
-    let child = Command::new(envoy_path())
+    let child = Command::new(kmesh_daemon::xds::fixture::envoy_binary())
         .arg("-c")
         .arg(&path)
         .args([

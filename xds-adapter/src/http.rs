@@ -370,7 +370,7 @@ fn route_action(
     }
 }
 
-fn same_clusters(a: &TcpRoute, b: &TcpRoute) -> bool {
+pub(crate) fn same_clusters(a: &TcpRoute, b: &TcpRoute) -> bool {
     match (a, b) {
         (TcpRoute::Cluster(x), TcpRoute::Cluster(y)) => x == y,
         (TcpRoute::Weighted(x), TcpRoute::Weighted(y)) => {
@@ -481,7 +481,7 @@ fn decide_vhost(
     ))
 }
 
-fn describe(t: &TcpRoute) -> String {
+pub(crate) fn describe(t: &TcpRoute) -> String {
     match t {
         TcpRoute::Cluster(c) => format!("cluster {c:?}"),
         TcpRoute::Weighted(w) => {

@@ -25,10 +25,12 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+mod chains;
 mod decode;
 mod error;
 mod flatten;
 mod http;
+mod incremental;
 mod mesh;
 pub mod model;
 mod parse;
@@ -43,10 +45,11 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use flatten::{flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatService};
+pub use incremental::{Changes, Incremental, ResourceSource};
 pub use mesh::MeshConfig;
 pub use xds::{
     check_cluster, check_listener, check_load_assignment, check_route_config, compile_lenient,
-    Compiled, Incremental,
+    Compiled,
 };
 
 /// The type URL of the HTTP connection manager network filter's `typed_config`.

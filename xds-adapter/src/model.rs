@@ -111,7 +111,7 @@ impl TryFrom<&pb_listener::Listener> for Listener {
             Some(_) if d.errors.is_empty() => Err(ConfigErrors(vec![crate::ConfigError::new(
                 listener_label(&l.name),
                 "filter_chains",
-                "an HTTP listener's services come from its route configuration",
+                "this listener's services come from its route configuration or its filter chains' matches",
             )
             .with_hint("use MeshConfig::from_resources, which resolves the routes")])),
             _ => Err(ConfigErrors(d.errors)),
@@ -386,6 +386,23 @@ pub(crate) enum ListenerKind {
     Tcp(Route),
     /// HTTP connection manager: the route configuration that decides.
     Http(HttpRoutes),
+    /// Several filter chains chosen by `filter_chain_match` (see
+    /// [`crate::chains`]); the default chain, if any, is last.
+    Chains(Vec<MatchedChain>),
+    /// A listener that installs no service, and why (an inbound listener,
+    /// Istio's `virtualOutbound`).
+    Ignored(String),
+}
+
+/// One filter chain of a [`ListenerKind::Chains`] listener.
+pub(crate) struct MatchedChain {
+    /// `filter chain 2 ("outbound|9080||reviews")`, `default_filter_chain`.
+    pub label: String,
+    pub is_default: bool,
+    pub m: crate::chains::ChainMatch,
+    /// What the chain does (`Tcp` or `Http`), or why it cannot be decided
+    /// at connect time (e.g. a network filter the kernel cannot honour).
+    pub kind: Result<ListenerKind, String>,
 }
 
 /// Where an HTTP connection manager's routes come from.
@@ -458,7 +475,15 @@ pub(crate) fn convert_listener(
         && chains[0].1.filters.iter().any(|f| {
             matches!(&f.config_type, Some(pb_listener::filter::ConfigType::TypedConfig(a)) if a.type_url == HCM_TYPE_URL)
         });
-    let role = if is_http {
+    // Several chains, or one with a real match: chosen per destination.
+    let matched = chains.len() > 1
+        || chains.iter().any(|(_, c)| {
+            c.filter_chain_match
+                .as_ref()
+                .is_some_and(|m| *m != Default::default())
+        });
+    let ignored = ignored_listener(l);
+    let role = if is_http || matched || ignored.is_some() {
         Role::HttpListener
     } else {
         Role::Listener
@@ -472,19 +497,51 @@ pub(crate) fn convert_listener(
     };
     let mut kind = None;
     match chains.as_slice() {
+        _ if ignored.is_some() => kind = ignored.map(ListenerKind::Ignored),
         [] => d.error_hint(
             &res,
             "filter_chains",
             "listener has no filter chains",
             "add a filter chain with an envoy.filters.network.tcp_proxy or http_connection_manager filter",
         ),
-        [(path, chain)] => kind = convert_chain(chain, d, &res, path),
-        more => d.error_hint(
-            &res,
-            "filter_chains",
-            format!("{} filter chains; only one is supported", more.len()),
-            "the kernel cannot evaluate filter_chain_match; give each VIP:port its own listener",
-        ),
+        [(path, chain)] if !matched => kind = convert_chain(chain, d, &res, path),
+        more => {
+            let mut out = Vec::with_capacity(more.len());
+            for (path, chain) in more {
+                let is_default = path == "default_filter_chain";
+                let m = if is_default {
+                    crate::chains::ChainMatch::default()
+                } else {
+                    crate::chains::convert_match(chain.filter_chain_match.as_ref(), d, &res, path)
+                };
+                let label = if chain.name.is_empty() {
+                    path.clone()
+                } else {
+                    format!("{path} ({:?})", chain.name)
+                };
+                // A chain that cannot be converted does not reject the
+                // listener: destinations that may pick it are left alone.
+                let mut scratch = Diag::default();
+                let k = convert_chain(chain, &mut scratch, &res, path);
+                d.warnings.append(&mut scratch.warnings);
+                let kind = match k {
+                    Some(k) if scratch.errors.is_empty() => Ok(k),
+                    _ => Err(scratch
+                        .errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")),
+                };
+                out.push(MatchedChain {
+                    label,
+                    is_default,
+                    m,
+                    kind,
+                });
+            }
+            kind = Some(ListenerKind::Chains(out));
+        }
     }
     if d.errors.len() != before {
         return None;
@@ -497,6 +554,20 @@ pub(crate) fn convert_listener(
 }
 
 pub(crate) type Route = (TcpRoute, Vec<(String, String)>);
+
+/// Why a listener installs no service, if it is one of those: inbound
+/// listeners (the kernel routes outbound connects only) and listeners that
+/// hand connections on by their original destination (Istio's
+/// `virtualOutbound` on 15001).
+fn ignored_listener(l: &pb_listener::Listener) -> Option<String> {
+    if l.traffic_direction == pb_core::TrafficDirection::Inbound as i32 {
+        return Some("inbound listener: the kernel routes outbound connects only; inbound connections reach the pod unchanged; not installed".into());
+    }
+    if l.use_original_dst.as_ref().is_some_and(|b| b.value) {
+        return Some("use_original_dst: this listener hands each connection to the listener of its original destination; the kernel sees that destination itself in connect(), and leaves a connect that matches no service alone (as a passthrough chain does); not installed".into());
+    }
+    None
+}
 
 fn convert_chain(
     chain: &pb_listener::FilterChain,
@@ -512,6 +583,9 @@ fn convert_chain(
             m.filters.clear();
             m.name.clear();
             m.metadata = None;
+            // Evaluated by the caller (a listener with one chain and a
+            // non-empty match takes the several-chains path).
+            m.filter_chain_match = None;
         },
         d,
         res,
@@ -557,6 +631,13 @@ fn convert_chain(
                     Err(e) => d.error(res, &tpath, format!("HttpConnectionManager does not decode: {e}")),
                 }
             }
+            Some(ConfigType::TypedConfig(any)) if telemetry_filter(name, &any.type_url) => {
+                d.warn(
+                    res,
+                    &fpath,
+                    format!("network filter {name:?} only records telemetry; ignored (the kernel reports its own connection metrics)"),
+                );
+            }
             Some(ConfigType::TypedConfig(any)) => {
                 d.error_hint(
                     res,
@@ -579,6 +660,17 @@ fn convert_chain(
         }
     }
     route.flatten()
+}
+
+/// Network filters that observe a connection without changing where it
+/// goes or whether it is allowed (Istio adds them to outbound chains).
+fn telemetry_filter(name: &str, type_url: &str) -> bool {
+    matches!(name, "istio.stats" | "istio.metadata_exchange")
+        || matches!(
+            type_url,
+            "type.googleapis.com/stats.PluginConfig"
+                | "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange"
+        )
 }
 
 fn convert_tcp_proxy(tp: &pb_tcp::TcpProxy, d: &mut Diag, res: &str, path: &str) -> Option<Route> {

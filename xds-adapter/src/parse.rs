@@ -363,6 +363,7 @@ enum Kind {
     Listener,
     Cluster,
     LoadAssignment,
+    RouteConfig,
 }
 
 impl Kind {
@@ -371,6 +372,7 @@ impl Kind {
             Kind::Listener => schema::LISTENER,
             Kind::Cluster => schema::CLUSTER,
             Kind::LoadAssignment => schema::CLUSTER_LOAD_ASSIGNMENT,
+            Kind::RouteConfig => schema::ROUTE_CONFIGURATION,
         }
     }
 
@@ -379,6 +381,7 @@ impl Kind {
             Kind::Listener => LISTENER_TYPE,
             Kind::Cluster => CLUSTER_TYPE,
             Kind::LoadAssignment => CLA_TYPE,
+            Kind::RouteConfig => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         }
     }
 
@@ -387,6 +390,7 @@ impl Kind {
             Kind::Listener => "listener",
             Kind::Cluster => "cluster",
             Kind::LoadAssignment => "cluster_load_assignment",
+            Kind::RouteConfig => "route_configuration",
         }
     }
 
@@ -477,8 +481,9 @@ fn config_dump(top: &Map<String, Value>, res: &mut Resources, diag: &mut Diag) {
             "envoy.admin.v3.ListenersConfigDump" => listeners_dump(entry, &path, res, diag),
             "envoy.admin.v3.ClustersConfigDump" => clusters_dump(entry, &path, res, diag),
             "envoy.admin.v3.EndpointsConfigDump" => endpoints_dump(entry, &path, res, diag),
-            // Bootstrap, routes, secrets, …: not needed (the bootstrap's
-            // static resources are also in the listener and cluster dumps).
+            "envoy.admin.v3.RoutesConfigDump" => routes_dump(entry, &path, res, diag),
+            // Bootstrap, secrets, …: not needed (the bootstrap's static
+            // resources are also in the listener and cluster dumps).
             _ => {}
         }
     }
@@ -562,30 +567,63 @@ fn clusters_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Diag
 }
 
 fn endpoints_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Diag) {
-    let allowed = ["static_endpoint_configs", "dynamic_endpoint_configs"];
-    let Some(w) = Wrapper::new(entry, &allowed, CONFIG_DUMP, path, diag) else {
-        return;
+    let lists = ["static_endpoint_configs", "dynamic_endpoint_configs"];
+    res.load_assignments.extend(config_list(
+        entry,
+        path,
+        diag,
+        lists,
+        "endpoint_config",
+        Kind::LoadAssignment,
+    ));
+}
+
+/// Route configurations, for listeners that take theirs by RDS.
+fn routes_dump(entry: &Value, path: &str, res: &mut Resources, diag: &mut Diag) {
+    let lists = ["static_route_configs", "dynamic_route_configs"];
+    res.route_configs.extend(config_list(
+        entry,
+        path,
+        diag,
+        lists,
+        "route_config",
+        Kind::RouteConfig,
+    ));
+}
+
+/// The resources of a dump made of two lists (`lists`) of entries
+/// `{version_info, <member>: resource, last_updated, …}`.
+fn config_list<M: prost::Message + Default>(
+    entry: &Value,
+    path: &str,
+    diag: &mut Diag,
+    lists: [&str; 2],
+    member: &str,
+    kind: Kind,
+) -> Vec<M> {
+    let mut out = Vec::new();
+    let Some(w) = Wrapper::new(entry, &lists, CONFIG_DUMP, path, diag) else {
+        return out;
     };
     let members = [
         "version_info",
-        "endpoint_config",
+        member,
         "last_updated",
         "error_state",
         "client_status",
     ];
-    for list in allowed {
+    for list in lists {
         for (p, item) in w.list(list, CONFIG_DUMP, path, diag) {
             let Some(s) = Wrapper::new(item, &members, CONFIG_DUMP, &p, diag) else {
                 continue;
             };
-            if let Some((k, e)) = s.get("endpoint_config") {
+            if let Some((k, e)) = s.get(member) {
                 let p = join(&p, k);
-                if let Some(e) = resource(e, Kind::LoadAssignment, CONFIG_DUMP, &p, diag) {
-                    res.load_assignments.push(e);
-                }
+                out.extend(resource(e, kind, CONFIG_DUMP, &p, diag));
             }
         }
     }
+    out
 }
 
 #[cfg(test)]

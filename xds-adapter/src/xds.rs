@@ -42,8 +42,38 @@ pub fn check_listener(l: &Listener) -> Result<Vec<String>, ConfigErrors> {
 /// Checks one cluster on its own (an EDS cluster's endpoints come later, in
 /// its ClusterLoadAssignment).
 pub fn check_cluster(c: &Cluster) -> Result<Vec<String>, ConfigErrors> {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
     let mut d = Diag::default();
+    let res = crate::model::cluster_label(&c.name);
+    if crate::chains::is_original_dst(c) {
+        if c.name.is_empty() {
+            d.error(&res, "name", "cluster has no name");
+        }
+        d.warn(&res, "type", "ORIGINAL_DST: connects routed to it are left alone by the kernel (they go where they were dialled, as Envoy's passthrough does)");
+        return finish(d);
+    }
     convert_cluster(c, &BTreeMap::new(), true, &mut d);
+    // A STATIC cluster listing no endpoint at all (Istio's
+    // BlackHoleCluster) is valid for Envoy: it refuses connections. The
+    // kernel cannot refuse at connect time, so it installs no route to it
+    // and such connects are left alone.
+    let is_static = c.cluster_discovery_type.is_none()
+        || matches!(c.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Static as i32);
+    let listed: usize = c
+        .load_assignment
+        .iter()
+        .flat_map(|a| &a.endpoints)
+        .map(|l| l.lb_endpoints.len())
+        .sum();
+    if is_static && listed == 0 {
+        let before = d.errors.len();
+        d.errors.retain(|e| e.field != "load_assignment.endpoints");
+        if d.errors.len() != before {
+            d.warn(&res, "load_assignment.endpoints", "no endpoints: Envoy refuses connections routed to it; the kernel cannot refuse at connect time, so routes to it are not installed and those connects are left alone");
+        }
+    }
     finish(d)
 }
 
@@ -96,86 +126,4 @@ pub fn compile_lenient(r: &ResourceRefs<'_>) -> Result<Compiled, ConfigErrors> {
     let (flat, more) = flatten_lenient(&mesh)?;
     excluded.extend(more);
     Ok(Compiled { flat, excluded })
-}
-
-/// A compile kept for incremental updates: an endpoints-only change
-/// (EDS) re-flattens just the services whose clusters changed, instead of
-/// the whole mesh. Cost: O(services using the cluster × their endpoints).
-pub struct Incremental {
-    mesh: MeshConfig,
-    compiled: Compiled,
-    /// cluster name → VIPs of the services that route to it.
-    users: BTreeMap<String, Vec<std::net::SocketAddr>>,
-}
-
-impl Incremental {
-    /// A full lenient compile, kept.
-    pub fn full(r: &ResourceRefs<'_>) -> Result<Incremental, ConfigErrors> {
-        let (mesh, mut excluded) = MeshConfig::from_resources_lenient(r);
-        let (flat, more) = flatten_lenient(&mesh)?;
-        excluded.extend(more);
-        let mut users: BTreeMap<String, Vec<std::net::SocketAddr>> = BTreeMap::new();
-        for l in &mesh.listeners {
-            if flat.services.contains_key(&l.address) {
-                for (c, _) in l.route.clusters() {
-                    users.entry(c.to_string()).or_default().push(l.address);
-                }
-            }
-        }
-        Ok(Incremental {
-            mesh,
-            compiled: Compiled { flat, excluded },
-            users,
-        })
-    }
-
-    /// The current result.
-    pub fn compiled(&self) -> &Compiled {
-        &self.compiled
-    }
-
-    /// The ClusterLoadAssignment of EDS clusters `clusters` changed to
-    /// `cla`. Returns the VIPs whose records changed, or `None` when the
-    /// change reaches further (a cluster becomes usable or unusable, a
-    /// service fails to flatten): then a full compile is needed, and this
-    /// value must be replaced. Warnings are refreshed only by full
-    /// compiles.
-    pub fn update_endpoints(
-        &mut self,
-        clusters: &[&Cluster],
-        cla: &ClusterLoadAssignment,
-    ) -> Option<Vec<std::net::SocketAddr>> {
-        let mut touched = Vec::new();
-        for c in clusters {
-            if !self.mesh.clusters.contains_key(&c.name) {
-                return None;
-            }
-            let mut d = Diag::default();
-            let map = BTreeMap::from([(cla.cluster_name.as_str(), cla)]);
-            let m = convert_cluster(c, &map, false, &mut d)?;
-            if !d.errors.is_empty() {
-                return None;
-            }
-            self.mesh.clusters.insert(c.name.clone(), m);
-            touched.extend(self.users.get(&c.name).into_iter().flatten().copied());
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        let mut changed = Vec::new();
-        for vip in touched {
-            let l = self.mesh.listeners.iter().find(|l| l.address == vip)?;
-            let mut d = Diag::default();
-            let s = crate::flatten::service(l, &self.mesh, &mut d)?;
-            if !d.errors.is_empty() {
-                return None;
-            }
-            let old = self.compiled.flat.services.get(&vip);
-            if old.is_none_or(|o| o.slots != s.slots || o.lb_policy != s.lb_policy) {
-                changed.push(vip);
-            }
-            self.compiled.flat.services.insert(vip, s);
-        }
-        // The slot map's capacity still holds (checked by the kernel apply).
-        Some(changed)
-    }
 }

@@ -248,18 +248,50 @@ fn lenient_compile_leaves_out_what_cannot_be_installed_and_incremental_matches_f
     r.load_assignments[0].endpoints[0]
         .lb_endpoints
         .push(lb_endpoint("10.244.0.2", 80, Some(3)));
-    let cluster_a = r.clusters[0].clone();
-    let vips = inc
-        .update_endpoints(&[&cluster_a], &r.load_assignments[0])
-        .unwrap();
+    let eds = |n: &str| xds_adapter::Changes {
+        load_assignments: vec![n.into()],
+        ..Default::default()
+    };
+    let vips = inc.update(&r, &eds("a")).unwrap();
     assert_eq!(vips, vec!["10.0.0.1:80".parse().unwrap()]);
     let full = xds_adapter::compile_lenient(&r.refs()).unwrap();
     assert_eq!(inc.compiled().flat.services, full.flat.services);
-    // A cluster that was not installed needs a full compile.
-    let cluster_b = r.clusters[1].clone();
-    assert!(inc
-        .update_endpoints(&[&cluster_b], &r.load_assignments[0])
-        .is_none());
+    // "b"'s endpoints arrive: its listener is rebuilt and installs.
+    r.load_assignments.push(ClusterLoadAssignment {
+        cluster_name: "b".into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![lb_endpoint("10.244.0.9", 80, None)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let vips = inc.update(&r, &eds("b")).unwrap();
+    assert_eq!(vips, vec!["10.0.0.2:80".parse().unwrap()]);
+    let full = xds_adapter::compile_lenient(&r.refs()).unwrap();
+    assert_eq!(inc.compiled().flat.services, full.flat.services);
+    assert!(!inc
+        .compiled()
+        .excluded
+        .iter()
+        .any(|e| e.to_string().contains("listener \"b\"")));
+    // Listener "c" removed: its (never installed) VIP stays absent;
+    // listener "a" removed: its VIP is listed for removal.
+    r.listeners.retain(|l| l.name != "a");
+    let vips = inc
+        .update(
+            &r,
+            &xds_adapter::Changes {
+                listeners: vec!["a".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(vips, vec!["10.0.0.1:80".parse().unwrap()]);
+    assert!(!inc
+        .compiled()
+        .flat
+        .services
+        .contains_key(&"10.0.0.1:80".parse().unwrap()));
 }
 
 #[test]

@@ -19,6 +19,8 @@ DEEP = [
     "envoy::config::listener::v3::Listener",
     "envoy::config::listener::v3::FilterChain",
     "envoy::config::listener::v3::Filter",
+    "envoy::config::listener::v3::FilterChainMatch",
+    "envoy::config::core::v3::CidrRange",
     "envoy::config::core::v3::Address",
     "envoy::config::core::v3::SocketAddress",
     "envoy::config::core::v3::Locality",

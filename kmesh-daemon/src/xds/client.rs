@@ -14,10 +14,14 @@
 //!   line per rejected resource naming it and the reason. A response with
 //!   some bad resources is partially accepted: the good ones apply, the bad
 //!   ones keep their last good version, and the response is NACKed.
-//! - **All-or-nothing per response**: the held set after a response is
-//!   compiled and written with [`Sink::apply`]; if that fails (e.g. a kernel
-//!   map would overflow) the store goes back to what it was before the
-//!   response and the response is NACKed with the reason.
+//! - **All-or-nothing per response**: what a response changed is compiled
+//!   incrementally (only the services that depend on the changed
+//!   resources, [`xds_adapter::Incremental`]) and written with
+//!   [`Sink::apply_services`]; the first response, and any change the
+//!   incremental compile cannot place, compile the whole held set and write
+//!   it with [`Sink::apply`]. If the write fails (e.g. a kernel map would
+//!   overflow) the store goes back to what it was before the response and
+//!   the response is NACKed with the reason.
 //! - **Transport**: plaintext (`http://`, Istiod's :15010) or TLS
 //!   (`https://`, or a bare `host:15012`) verified against the Istio root
 //!   CA, with the projected `istio-token` as a bearer token.
@@ -139,8 +143,8 @@ pub trait Sink: Send {
     /// must still be in force (the dataplane's apply is all-or-nothing).
     fn apply(&mut self, compiled: &Compiled, store: &Store) -> Result<(), String>;
 
-    /// Only the services at `vips` changed in `compiled` (an endpoints
-    /// update). The default applies everything.
+    /// Only the services at `vips` changed in `compiled` (a VIP absent
+    /// from it is removed). The default applies everything.
     fn apply_services(
         &mut self,
         compiled: &Compiled,
@@ -364,7 +368,10 @@ fn commit(
     status: &SharedStatus,
     inc: &mut Option<Incremental>,
 ) -> Result<(), String> {
-    let full = match Incremental::full(&store.resources().refs()) {
+    let full = Incremental::full(&store.resources().refs());
+    // The decoded resources of the compile are gone; give their pages back.
+    crate::sys::release_freed_memory();
+    let full = match full {
         Ok(c) => c,
         Err(e) => {
             restore(store, backup);
@@ -432,9 +439,31 @@ fn take_backup(store: &Store, type_url: &'static str, touched: Option<&[String]>
             }
         }
     }
-    if matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE) {
+    // A state-of-the-world CDS/LDS response can drop references to any
+    // EDS/RDS name: those maps are copied whole (the response is the whole
+    // set anyway). A delta response's garbage is put back from what
+    // `collect_garbage` returns.
+    if touched.is_none() && matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE) {
         for t in [ENDPOINT_TYPE, ROUTE_TYPE] {
             out.push(whole(t));
+        }
+    }
+    out
+}
+
+/// The EDS/RDS names the resources in `backup` referenced before the
+/// update: the only ones a delta update can leave unreferenced.
+fn referenced_before(backup: &[Backup]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for b in backup {
+        if let Backup::Entry(_, _, Some(h)) = b {
+            match &h.refs {
+                super::store::Refs::Eds(n) => {
+                    out.insert(n.clone());
+                }
+                super::store::Refs::Rds(v) => out.extend(v.iter().cloned()),
+                super::store::Refs::None => {}
+            }
         }
     }
     out
@@ -472,10 +501,20 @@ pub fn accept(
     touched: Option<&[String]>,
     update: impl FnOnce(&mut Store) -> Outcome,
 ) -> Option<String> {
-    let backup = take_backup(store, type_url, touched);
+    let mut backup = take_backup(store, type_url, touched);
     let outcome = update(store);
     // Only clusters and listeners can drop references to EDS/RDS names.
-    let collected = matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE) && store.collect_garbage();
+    let mut collected = false;
+    if matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE) {
+        let before = touched.map(|_| referenced_before(&backup));
+        let dropped = store.collect_garbage(before.as_ref());
+        collected = !dropped.is_empty();
+        backup.extend(
+            dropped
+                .into_iter()
+                .map(|(t, n, h)| Backup::Entry(t, n, Some(h))),
+        );
+    }
     for w in outcome.warnings.iter().take(20) {
         tracing::debug!("xDS {}: {w}", short(type_url));
     }
@@ -491,34 +530,45 @@ pub fn accept(
     if !(outcome.changed || collected) {
         return nack;
     }
-    // Endpoints-only change: redo just the services that use them.
-    if type_url == ENDPOINT_TYPE && !collected && outcome.removed.is_empty() {
-        if let Some(vips) = incremental(store, &outcome.upserted, inc) {
-            let Some(i) = inc.as_ref() else {
-                return nack;
-            };
-            match sink.apply_services(i.compiled(), &vips, store) {
-                Ok(()) => {
-                    let mut s = lock(status);
-                    s.applies += 1;
-                    let held = store.of(ENDPOINT_TYPE);
+    // Redo just the services that depend on what changed.
+    if let Some(vips) = incremental(type_url, store, &outcome, inc) {
+        let Some(i) = inc.as_ref() else {
+            return nack;
+        };
+        match sink.apply_services(i.compiled(), &vips, store) {
+            Ok(()) => {
+                let mut s = lock(status);
+                s.applies += 1;
+                if collected {
+                    s.resources = store.summary();
+                } else {
+                    let held = store.of(type_url);
+                    let versions = s.resources.entry(short(type_url)).or_default();
                     for name in &outcome.upserted {
                         if let Some(h) = held.and_then(|m| m.get(name)) {
-                            s.resources
-                                .entry(short(ENDPOINT_TYPE))
-                                .or_default()
-                                .insert(name.clone(), h.version.clone());
+                            versions.insert(name.clone(), h.version.clone());
                         }
                     }
-                    return nack;
+                    for name in &outcome.removed {
+                        versions.remove(name);
+                    }
                 }
-                Err(e) => {
-                    restore(store, backup);
-                    *inc = Incremental::full(&store.resources().refs()).ok();
-                    let e = format!("writing the config to the kernel failed: {e}");
-                    tracing::error!("xDS NACK: {e}");
-                    return Some(e);
+                if type_url != ENDPOINT_TYPE {
+                    s.excluded = i
+                        .compiled()
+                        .excluded
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
                 }
+                return nack;
+            }
+            Err(e) => {
+                restore(store, backup);
+                *inc = Incremental::full(&store.resources().refs()).ok();
+                let e = format!("writing the config to the kernel failed: {e}");
+                tracing::error!("xDS NACK: {e}");
+                return Some(e);
             }
         }
     }
@@ -529,30 +579,37 @@ pub fn accept(
     nack
 }
 
-/// Applies changed ClusterLoadAssignments to the kept compile; the VIPs
-/// whose records changed, or `None` when a full compile is needed.
+/// Applies what a response changed to the kept compile; the VIPs whose
+/// records changed, or `None` when a full compile is needed (then `inc`
+/// is dropped).
 fn incremental(
+    type_url: &str,
     store: &Store,
-    names: &[String],
+    outcome: &Outcome,
     inc: &mut Option<Incremental>,
 ) -> Option<Vec<std::net::SocketAddr>> {
     let i = inc.as_mut()?;
-    let mut vips = Vec::new();
-    for n in names {
-        let cla = store.load_assignment(n)?;
-        let clusters = store.clusters_for_eds(n);
-        let clusters: Vec<_> = clusters.iter().collect();
-        match i.update_endpoints(&clusters, &cla) {
-            Some(v) => vips.extend(v),
-            None => {
-                *inc = None;
-                return None;
-            }
-        }
+    let names: Vec<String> = outcome
+        .upserted
+        .iter()
+        .chain(&outcome.removed)
+        .cloned()
+        .collect();
+    let mut ch = xds_adapter::Changes::default();
+    match type_url {
+        LISTENER_TYPE => ch.listeners = names,
+        ROUTE_TYPE => ch.route_configs = names,
+        CLUSTER_TYPE => ch.clusters = names,
+        ENDPOINT_TYPE => ch.load_assignments = names,
+        _ => return None,
     }
-    vips.sort_unstable();
-    vips.dedup();
-    Some(vips)
+    // Resources dropped by garbage collection are referenced by nothing
+    // held, so they change no service.
+    let vips = i.update(store, &ch);
+    if vips.is_none() {
+        *inc = None;
+    }
+    vips
 }
 
 fn rpc_status(message: String) -> RpcStatus {

@@ -556,6 +556,23 @@ impl AggregatedDiscoveryService for Service {
     }
 }
 
+/// The real Envoy binary tests check against: `KMESH_TEST_ENVOY`, else
+/// the one `cargo xtask setup` installs in `target/venv`. Panics with a
+/// hint when it is missing.
+pub fn envoy_binary() -> std::path::PathBuf {
+    let p = std::env::var_os("KMESH_TEST_ENVOY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/envoy")
+        });
+    assert!(
+        p.exists(),
+        "Envoy not found at {} (hint: `cargo xtask setup` installs it; or set KMESH_TEST_ENVOY)",
+        p.display()
+    );
+    p
+}
+
 /// Builders of the resources tests serve, shaped as Istiod sends them.
 pub mod resources {
     use std::net::SocketAddr;

@@ -52,8 +52,9 @@ impl Sink for DataplaneSink {
         crate::telemetry::record_config_apply(applied.is_ok());
         let summary = applied.map_err(|e| e.to_string())?;
         // Metric labels (service names by VIP and backend) follow the config.
-        // Endpoint-only updates (apply_services) skip this O(services) step;
-        // a backend added that way is labelled on the next full update.
+        // Incremental updates (apply_services) redo this O(services) step
+        // only when services come or go; a backend added by an endpoint
+        // change is labelled on the next such update.
         if let Some(tel) = self.state.telemetry.get() {
             tel.set_config(&compiled.flat);
         }
@@ -94,17 +95,34 @@ impl Sink for DataplaneSink {
             .apply_services(&compiled.flat, vips)
             .map_err(|e| e.to_string())?;
         tracing::debug!(
+            added = summary.added,
             changed = summary.changed,
+            removed = summary.removed,
             slots = summary.slots_written,
             micros = t.elapsed().as_micros() as u64,
-            "xDS endpoint update written to the kernel"
+            "xDS incremental update written to the kernel"
         );
+        // Metric labels follow the set of services (O(services): only when
+        // services come or go, not for endpoint changes).
+        if summary.added + summary.removed > 0 {
+            if let Some(tel) = self.state.telemetry.get() {
+                tel.set_config(&compiled.flat);
+            }
+        }
         let mut cfg = self.state.config.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cfg) = cfg.as_mut() {
             for v in vips {
-                if let Some(s) = compiled.flat.services.get(v) {
-                    cfg.services.insert(*v, s.clone());
+                match compiled.flat.services.get(v) {
+                    Some(s) => {
+                        cfg.services.insert(*v, s.clone());
+                    }
+                    None => {
+                        cfg.services.remove(v);
+                    }
                 }
+            }
+            if summary.added + summary.removed > 0 {
+                cfg.warnings.clone_from(&compiled.flat.warnings);
             }
         }
         Ok(())

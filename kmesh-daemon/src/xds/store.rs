@@ -306,20 +306,58 @@ impl Store {
         out
     }
 
-    /// Drops EDS/RDS resources that no held cluster/listener references.
-    /// Returns true when something was dropped.
-    pub fn collect_garbage(&mut self) -> bool {
-        let eds = self.eds_names();
-        let rds = self.rds_names();
-        let mut changed = false;
-        for (t, keep) in [(ENDPOINT_TYPE, eds), (ROUTE_TYPE, rds)] {
+    /// Drops EDS/RDS resources that no held cluster/listener references,
+    /// and returns them (type, name, resource) so that a failed update
+    /// can put them back. `candidates`: the only EDS/RDS names that may
+    /// have lost their last reference (those the changed clusters and
+    /// listeners referenced before), or `None` to check everything. Cost:
+    /// O(held clusters and listeners × candidates), no copies.
+    pub fn collect_garbage(
+        &mut self,
+        candidates: Option<&BTreeSet<String>>,
+    ) -> Vec<(&'static str, String, Held)> {
+        let mut out = Vec::new();
+        for (t, owner) in [(ENDPOINT_TYPE, CLUSTER_TYPE), (ROUTE_TYPE, LISTENER_TYPE)] {
+            let referenced = |s: &Store, n: &str| {
+                s.of(owner)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .any(|h| match &h.refs {
+                        Refs::Eds(e) => e == n,
+                        Refs::Rds(r) => r.iter().any(|r| r == n),
+                        Refs::None => false,
+                    })
+            };
+            let gone: Vec<String> = match candidates {
+                Some(c) => c
+                    .iter()
+                    .filter(|n| self.of(t).is_some_and(|m| m.contains_key(*n)))
+                    .filter(|n| !referenced(self, n))
+                    .cloned()
+                    .collect(),
+                None => {
+                    let keep = if t == ENDPOINT_TYPE {
+                        self.eds_names()
+                    } else {
+                        self.rds_names()
+                    };
+                    self.of(t)
+                        .into_iter()
+                        .flat_map(|m| m.keys())
+                        .filter(|k| !keep.contains(*k))
+                        .cloned()
+                        .collect()
+                }
+            };
             if let Some(m) = self.types.get_mut(t) {
-                let before = m.len();
-                m.retain(|k, _| keep.contains(k));
-                changed |= m.len() != before;
+                for n in gone {
+                    if let Some(h) = m.remove(&n) {
+                        out.push((t, n, h));
+                    }
+                }
             }
         }
-        changed
+        out
     }
 
     /// The ClusterLoadAssignment names the held EDS clusters need.
@@ -334,22 +372,11 @@ impl Store {
             .collect()
     }
 
-    /// The held EDS clusters whose endpoints come from assignment
-    /// `eds_name`, decoded. Cost: a scan of the held clusters' references
-    /// and a decode of the matching ones.
-    pub fn clusters_for_eds(&self, eds_name: &str) -> Vec<Cluster> {
-        self.of(CLUSTER_TYPE)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter(|h| matches!(&h.refs, Refs::Eds(n) if n == eds_name))
-            .filter_map(|h| Cluster::decode(h.bytes.as_slice()).ok())
-            .collect()
-    }
-
-    /// One held ClusterLoadAssignment, decoded.
-    pub fn load_assignment(&self, name: &str) -> Option<ClusterLoadAssignment> {
-        let h = self.of(ENDPOINT_TYPE)?.get(name)?;
-        ClusterLoadAssignment::decode(h.bytes.as_slice()).ok()
+    /// One held resource, decoded (the bytes were checked when they
+    /// arrived; a decode that fails reads as absent).
+    pub fn decoded<M: Message + Default>(&self, type_url: &str, name: &str) -> Option<M> {
+        let h = self.of(type_url)?.get(name)?;
+        M::decode(h.bytes.as_slice()).ok()
     }
 
     /// The route configuration names the held listeners use through RDS.
@@ -396,6 +423,23 @@ impl Store {
                 )
             })
             .collect()
+    }
+}
+
+/// The adapter's incremental compile reads the changed resources from the
+/// store, decoding only those.
+impl xds_adapter::ResourceSource for Store {
+    fn listener(&self, name: &str) -> Option<Listener> {
+        self.decoded(LISTENER_TYPE, name)
+    }
+    fn route_config(&self, name: &str) -> Option<RouteConfiguration> {
+        self.decoded(ROUTE_TYPE, name)
+    }
+    fn cluster(&self, name: &str) -> Option<Cluster> {
+        self.decoded(CLUSTER_TYPE, name)
+    }
+    fn load_assignment(&self, name: &str) -> Option<ClusterLoadAssignment> {
+        self.decoded(ENDPOINT_TYPE, name)
     }
 }
 

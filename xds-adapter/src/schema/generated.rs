@@ -104,7 +104,7 @@ pub static M_ENVOY_CONFIG_LISTENER_V3_LISTENER: MsgSchema = MsgSchema {
 pub static M_ENVOY_CONFIG_LISTENER_V3_FILTERCHAIN: MsgSchema = MsgSchema {
     rust: "envoy::config::listener::v3::FilterChain",
     fields: &[
-        FieldSchema { name: "filter_chain_match", json: "filterChainMatch", tag: 1, card: Card::Single, ty: Ty::Opaque("envoy::config::listener::v3::FilterChainMatch") },
+        FieldSchema { name: "filter_chain_match", json: "filterChainMatch", tag: 1, card: Card::Single, ty: Ty::Message(&M_ENVOY_CONFIG_LISTENER_V3_FILTERCHAINMATCH) },
         FieldSchema { name: "filters", json: "filters", tag: 3, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_LISTENER_V3_FILTER) },
         FieldSchema { name: "use_proxy_proto", json: "useProxyProto", tag: 4, card: Card::Single, ty: Ty::BoolValue },
         FieldSchema { name: "metadata", json: "metadata", tag: 5, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Metadata") },
@@ -120,6 +120,31 @@ pub static M_ENVOY_CONFIG_LISTENER_V3_FILTER: MsgSchema = MsgSchema {
         FieldSchema { name: "name", json: "name", tag: 1, card: Card::Single, ty: Ty::String },
         FieldSchema { name: "typed_config", json: "typedConfig", tag: 4, card: Card::Oneof("config_type"), ty: Ty::Any },
         FieldSchema { name: "config_discovery", json: "configDiscovery", tag: 5, card: Card::Oneof("config_type"), ty: Ty::Opaque("envoy::config::core::v3::ExtensionConfigSource") },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_LISTENER_V3_FILTERCHAINMATCH: MsgSchema = MsgSchema {
+    rust: "envoy::config::listener::v3::FilterChainMatch",
+    fields: &[
+        FieldSchema { name: "prefix_ranges", json: "prefixRanges", tag: 3, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_CORE_V3_CIDRRANGE) },
+        FieldSchema { name: "address_suffix", json: "addressSuffix", tag: 4, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "suffix_len", json: "suffixLen", tag: 5, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "source_prefix_ranges", json: "sourcePrefixRanges", tag: 6, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_CORE_V3_CIDRRANGE) },
+        FieldSchema { name: "source_ports", json: "sourcePorts", tag: 7, card: Card::Repeated, ty: Ty::U32 },
+        FieldSchema { name: "destination_port", json: "destinationPort", tag: 8, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "transport_protocol", json: "transportProtocol", tag: 9, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "application_protocols", json: "applicationProtocols", tag: 10, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "server_names", json: "serverNames", tag: 11, card: Card::Repeated, ty: Ty::String },
+        FieldSchema { name: "source_type", json: "sourceType", tag: 12, card: Card::Single, ty: Ty::Enum(E_ENVOY_CONFIG_LISTENER_V3_FILTER_CHAIN_MATCH_CONNECTIONSOURCETYPE) },
+        FieldSchema { name: "direct_source_prefix_ranges", json: "directSourcePrefixRanges", tag: 13, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_CORE_V3_CIDRRANGE) },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_CORE_V3_CIDRRANGE: MsgSchema = MsgSchema {
+    rust: "envoy::config::core::v3::CidrRange",
+    fields: &[
+        FieldSchema { name: "address_prefix", json: "addressPrefix", tag: 1, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "prefix_len", json: "prefixLen", tag: 2, card: Card::Single, ty: Ty::U32Value },
     ],
 };
 
@@ -569,6 +594,7 @@ pub static E_ENVOY_CONFIG_CORE_V3_HEALTHSTATUS: &[(&str, i32)] = &[("UNKNOWN", 0
 pub static E_ENVOY_CONFIG_CORE_V3_ROUTINGPRIORITY: &[(&str, i32)] = &[("DEFAULT", 0), ("HIGH", 1)];
 pub static E_ENVOY_CONFIG_CORE_V3_TRAFFICDIRECTION: &[(&str, i32)] = &[("UNSPECIFIED", 0), ("INBOUND", 1), ("OUTBOUND", 2)];
 pub static E_ENVOY_CONFIG_CORE_V3_SOCKET_ADDRESS_PROTOCOL: &[(&str, i32)] = &[("TCP", 0), ("UDP", 1)];
+pub static E_ENVOY_CONFIG_LISTENER_V3_FILTER_CHAIN_MATCH_CONNECTIONSOURCETYPE: &[(&str, i32)] = &[("ANY", 0), ("SAME_IP_OR_LOOPBACK", 1), ("EXTERNAL", 2)];
 pub static E_ENVOY_CONFIG_LISTENER_V3_LISTENER_DRAINTYPE: &[(&str, i32)] = &[("DEFAULT", 0), ("MODIFY_ONLY", 1)];
 pub static E_ENVOY_CONFIG_ROUTE_V3_ROUTE_ACTION_CLUSTERNOTFOUNDRESPONSECODE: &[(&str, i32)] = &[("SERVICE_UNAVAILABLE", 0), ("NOT_FOUND", 1), ("INTERNAL_SERVER_ERROR", 2)];
 pub static E_ENVOY_CONFIG_ROUTE_V3_ROUTE_ACTION_INTERNALREDIRECTACTION: &[(&str, i32)] = &[("PASS_THROUGH_INTERNAL_REDIRECT", 0), ("HANDLE_INTERNAL_REDIRECT", 1)];
