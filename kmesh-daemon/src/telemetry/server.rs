@@ -19,18 +19,55 @@ pub fn router(state: Arc<AdminState>) -> Router {
 /// The exposition text for `state` (empty Istio families before telemetry starts).
 pub fn render(state: &AdminState) -> String {
     // The connect counters need the dataplane lock only for a few map reads.
-    let connect = state
-        .dataplane
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|dp| dp.stats().ok());
+    let (connect, clusters) = {
+        let dp = state.dataplane.lock().unwrap_or_else(|p| p.into_inner());
+        let dp = dp.as_ref();
+        (
+            dp.and_then(|dp| dp.stats().ok()),
+            dp.map(|dp| dp.cluster_counters()).unwrap_or_default(),
+        )
+    };
     let mut out = match state.telemetry.get() {
         Some(t) => t.render(connect.as_ref()),
         None => String::new(),
     };
+    render_clusters(&clusters, &mut out);
     render_authz(state, &mut out);
     out
+}
+
+/// Per-cluster connection counters of the connect pipeline (Envoy's
+/// `upstream_cx_active` and `upstream_cx_overflow`).
+fn render_clusters(clusters: &[crate::dataplane::ClusterCounters], out: &mut String) {
+    use super::metrics::{header, sample};
+    if clusters.is_empty() {
+        return;
+    }
+    header(
+        out,
+        "kmesh_cluster_upstream_cx_active",
+        "Connections steered to the cluster by the kernel and not closed yet.",
+        "gauge",
+    );
+    for c in clusters {
+        let labels = [("cluster", c.cluster.as_str())];
+        sample(out, "kmesh_cluster_upstream_cx_active", &labels, c.active as f64);
+    }
+    header(
+        out,
+        "kmesh_cluster_upstream_cx_overflow_total",
+        "Connects refused (EPERM) because the cluster's circuit breaker (max_connections) was open.",
+        "counter",
+    );
+    for c in clusters {
+        let labels = [("cluster", c.cluster.as_str())];
+        sample(
+            out,
+            "kmesh_cluster_upstream_cx_overflow_total",
+            &labels,
+            c.overflow as f64,
+        );
+    }
 }
 
 /// Dual-engine authorization decisions, read from the kernel's per-CPU
