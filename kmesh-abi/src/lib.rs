@@ -47,6 +47,18 @@ pub const LB_LEAST_REQUEST: u32 = 2;
 /// client (its network namespace) is hashed onto it.
 pub const LB_MAGLEV: u32 = 3;
 
+/// The hash the `LB_MAGLEV` stage puts a client's network-namespace cookie
+/// through before taking it modulo the table size: splitmix64's
+/// finaliser, so that consecutive cookies spread over the table. Shared
+/// with userspace so a client's entry can be predicted.
+#[inline(always)]
+pub const fn maglev_hash(cookie: u64) -> u32 {
+    let mut x = cookie;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) as u32
+}
+
 /// Capacity of the per-cluster active-connection and overflow maps.
 pub const MAX_CLUSTERS: u32 = 16_384;
 /// Capacity of the per-endpoint active-connection map.

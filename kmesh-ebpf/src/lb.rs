@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use kmesh_abi::{
-    ServiceValue, SlotKey, SockAddr, Steered, MAX_CLUSTERS, MAX_ENDPOINTS, MAX_SERVICES,
+    maglev_hash, ServiceValue, SlotKey, SockAddr, Steered, MAX_CLUSTERS, MAX_ENDPOINTS, MAX_SERVICES,
     MAX_SLOTS, MAX_STEERED,
 };
 
@@ -121,16 +121,7 @@ pub fn pick_least_request(svc: &ServiceValue) -> Option<SockAddr> {
 /// address yet, and a pod is one network namespace with one address.
 #[inline(always)]
 pub fn pick_maglev(svc: &ServiceValue, client: u64) -> Option<SockAddr> {
-    slot(svc, mix(client) as u32)
-}
-
-/// A 64-bit finaliser (splitmix64's): every input bit flips about half the
-/// output bits, so consecutive cookies spread over the table.
-#[inline(always)]
-fn mix(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    slot(svc, maglev_hash(client))
 }
 
 #[inline(always)]

@@ -11,8 +11,10 @@ use std::net::SocketAddr;
 
 /// Table sizes used, all prime. The smallest with at least
 /// [`ENTRIES_PER_ENDPOINT`] entries per endpoint is chosen (balance within
-/// about 1%), capped by the largest.
-pub const TABLE_SIZES: [u32; 5] = [251, 509, 1021, 2039, 4093];
+/// about 1%), capped by the largest. Few and coarse on purpose: a table of
+/// another size shares nothing with the old one, so an endpoint change
+/// that crosses a size (10 ↔ 11, 20 ↔ 21 endpoints) moves most clients.
+pub const TABLE_SIZES: [u32; 3] = [1021, 2039, 4093];
 
 /// Target entries per endpoint when choosing the table size.
 pub const ENTRIES_PER_ENDPOINT: u32 = 100;
@@ -111,10 +113,10 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(table_size(1), Some(251));
-        assert_eq!(table_size(3), Some(509));
+        assert_eq!(table_size(1), Some(1021));
         assert_eq!(table_size(10), Some(1021));
-        assert_eq!(table_size(41), Some(4093));
+        assert_eq!(table_size(11), Some(2039));
+        assert_eq!(table_size(21), Some(4093));
         assert_eq!(table_size(4093), Some(4093));
         assert_eq!(table_size(4094), None);
     }

@@ -428,10 +428,10 @@ fn lb_policies() {
         let svc = flat.services.values().next().unwrap();
         assert_eq!(svc.lb_policy, abi);
         if abi == kmesh_abi::LB_MAGLEV {
-            // Two endpoints: the smallest table (251), shared evenly.
-            assert_eq!(svc.slots.len(), 251);
+            // Two endpoints: the smallest table (1021), shared evenly.
+            assert_eq!(svc.slots.len(), 1021);
             let first = svc.slots.iter().filter(|a| **a == svc.slots[0]).count();
-            assert!((125..=126).contains(&first), "{first}");
+            assert!((510..=511).contains(&first), "{first}");
         }
     }
     let text = base().replace(
