@@ -306,11 +306,14 @@ pub mod stats {
     pub const PEERNAME_RESTORED: u32 = 5;
     /// connects refused by a cluster's circuit breaker (max_connections).
     pub const CONNECT_OVERFLOW: u32 = 6;
-    /// connects refused because a pipeline stage was missing (tail call
-    /// failed) or the per-CPU state was overwritten by a preempting connect.
+    /// connects refused because the per-CPU state of the connect pipeline
+    /// was overwritten by a connect that preempted this one.
     pub const CONNECT_PIPELINE_ERROR: u32 = 7;
+    /// pipeline stages run inline because their tail call failed (program
+    /// array emptied during a daemon handover or uninstall).
+    pub const CONNECT_STAGE_INLINE: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 pub mod authz;

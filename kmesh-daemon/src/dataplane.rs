@@ -311,6 +311,7 @@ pub const STAT_NAMES: [&str; stats::COUNT as usize] = [
     "peername_restored",
     "connect_overflow",
     "connect_pipeline_error",
+    "connect_stage_inline",
 ];
 
 impl Dataplane {

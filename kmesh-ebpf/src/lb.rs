@@ -25,8 +25,8 @@ use aya_ebpf::{
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use kmesh_abi::{
-    maglev_hash, ServiceValue, SlotKey, SockAddr, Steered, MAX_CLUSTERS, MAX_ENDPOINTS, MAX_SERVICES,
-    MAX_SLOTS, MAX_STEERED,
+    maglev_hash, ServiceValue, SlotKey, SockAddr, Steered, LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM,
+    MAX_CLUSTERS, MAX_ENDPOINTS, MAX_SERVICES, MAX_SLOTS, MAX_STEERED,
 };
 
 /// (service id, slot) → backend address.
@@ -70,6 +70,18 @@ fn slot(svc: &ServiceValue, n: u32) -> Option<SockAddr> {
     // SAFETY: slot values are written before the service entry that makes
     // them reachable and removed only after it moved away.
     unsafe { KM_SLOT.get(&key) }.copied()
+}
+
+/// The backend for a connect from network namespace `client`, by the
+/// service's policy (what a program without its own LB stage calls).
+#[inline(always)]
+pub fn pick(svc: &ServiceValue, client: u64) -> Option<SockAddr> {
+    match svc.lb_policy {
+        LB_RANDOM => pick_random(svc),
+        LB_LEAST_REQUEST => pick_least_request(svc),
+        LB_MAGLEV => pick_maglev(svc, client),
+        _ => pick_round_robin(svc),
+    }
 }
 
 /// Per-CPU round robin over the slots.

@@ -158,7 +158,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst = SockAddr::from_raw_v4(ip4, port as u16);
-    entry(&ctx, dst, &KM_CONNECT4_STAGES)
+    entry(&ctx, dst, &KM_CONNECT4_STAGES, endpoint4)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -176,13 +176,26 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst = SockAddr::from_raw_v6(ip6, port as u16);
-    entry(&ctx, dst, &KM_CONNECT6_STAGES)
+    entry(&ctx, dst, &KM_CONNECT6_STAGES, endpoint6)
 }
 
 /// The listener stage: is this socket ours and `dst` a service? If so,
 /// hand over to the service's LB stage.
+///
+/// A stage that cannot be tail-called is run inline instead (same code,
+/// counted as `CONNECT_STAGE_INLINE`): the program arrays lose their
+/// entries as soon as no user-space reference to them is left (the kernel
+/// clears a program array then), while the programs themselves are
+/// detached a little later (link release is deferred). During such a
+/// daemon handover or uninstall the pipeline degrades to one program
+/// instead of failing connects.
 #[inline(always)]
-fn entry(ctx: &SockAddrContext, dst: SockAddr, stages: &ProgramArray) -> i32 {
+fn entry(
+    ctx: &SockAddrContext,
+    dst: SockAddr,
+    stages: &ProgramArray,
+    endpoint: fn(&SockAddrContext) -> i32,
+) -> i32 {
     count(stats::CONNECT_SEEN);
     // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -211,8 +224,8 @@ fn entry(ctx: &SockAddrContext, dst: SockAddr, stages: &ProgramArray) -> i32 {
     // SAFETY: on success the tail call does not return; the stage is a
     // cgroup/connect program of the same attach type as this one.
     let _ = unsafe { stages.tail_call(ctx, svc.lb_policy) };
-    count(stats::CONNECT_PIPELINE_ERROR);
-    REJECT
+    count(stats::CONNECT_STAGE_INLINE);
+    lb_stage(ctx, stages, lb::pick, endpoint)
 }
 
 /// An LB stage: picks the backend with `pick`, then hands over to the
@@ -221,12 +234,13 @@ fn entry(ctx: &SockAddrContext, dst: SockAddr, stages: &ProgramArray) -> i32 {
 fn lb_stage(
     ctx: &SockAddrContext,
     stages: &ProgramArray,
-    pick: impl FnOnce(&ConnectCtx) -> Option<SockAddr>,
+    pick: fn(&ServiceValue, u64) -> Option<SockAddr>,
+    endpoint: fn(&SockAddrContext) -> i32,
 ) -> i32 {
     let Some(c) = stage_ctx(socket_cookie(ctx)) else {
         return REJECT;
     };
-    match pick(c) {
+    match pick(&c.svc, c.netns) {
         Some(b) => c.backend = b,
         None => {
             count(stats::CONNECT_NO_ENDPOINT);
@@ -235,8 +249,8 @@ fn lb_stage(
     }
     // SAFETY: as in `entry`.
     let _ = unsafe { stages.tail_call(ctx, stage::ENDPOINT) };
-    count(stats::CONNECT_PIPELINE_ERROR);
-    REJECT
+    count(stats::CONNECT_STAGE_INLINE);
+    endpoint(ctx)
 }
 
 /// The endpoint stage's common part: family check, circuit breaker and
@@ -273,25 +287,25 @@ fn endpoint_stage(
 
 /// Defines the LB stages of one family's pipeline.
 macro_rules! lb_stages {
-    ($attach:ident, $stages:ident, $rr:ident, $random:ident, $lr:ident, $maglev:ident) => {
+    ($attach:ident, $stages:ident, $endpoint:ident, $rr:ident, $random:ident, $lr:ident, $maglev:ident) => {
         #[cgroup_sock_addr($attach)]
         pub fn $rr(ctx: SockAddrContext) -> i32 {
-            lb_stage(&ctx, &$stages, |c| lb::pick_round_robin(&c.svc))
+            lb_stage(&ctx, &$stages, |s, _| lb::pick_round_robin(s), $endpoint)
         }
 
         #[cgroup_sock_addr($attach)]
         pub fn $random(ctx: SockAddrContext) -> i32 {
-            lb_stage(&ctx, &$stages, |c| lb::pick_random(&c.svc))
+            lb_stage(&ctx, &$stages, |s, _| lb::pick_random(s), $endpoint)
         }
 
         #[cgroup_sock_addr($attach)]
         pub fn $lr(ctx: SockAddrContext) -> i32 {
-            lb_stage(&ctx, &$stages, |c| lb::pick_least_request(&c.svc))
+            lb_stage(&ctx, &$stages, |s, _| lb::pick_least_request(s), $endpoint)
         }
 
         #[cgroup_sock_addr($attach)]
         pub fn $maglev(ctx: SockAddrContext) -> i32 {
-            lb_stage(&ctx, &$stages, |c| lb::pick_maglev(&c.svc, c.netns))
+            lb_stage(&ctx, &$stages, lb::pick_maglev, $endpoint)
         }
     };
 }
@@ -299,6 +313,7 @@ macro_rules! lb_stages {
 lb_stages!(
     connect4,
     KM_CONNECT4_STAGES,
+    endpoint4,
     kmesh_connect4_rr,
     kmesh_connect4_random,
     kmesh_connect4_lr,
@@ -307,6 +322,7 @@ lb_stages!(
 lb_stages!(
     connect6,
     KM_CONNECT6_STAGES,
+    endpoint6,
     kmesh_connect6_rr,
     kmesh_connect6_random,
     kmesh_connect6_lr,
@@ -315,7 +331,18 @@ lb_stages!(
 
 #[cgroup_sock_addr(connect4)]
 pub fn kmesh_connect4_endpoint(ctx: SockAddrContext) -> i32 {
-    let c = match endpoint_stage(&ctx, true) {
+    endpoint4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kmesh_connect6_endpoint(ctx: SockAddrContext) -> i32 {
+    endpoint6(&ctx)
+}
+
+/// The endpoint stage of connect4.
+#[inline(always)]
+fn endpoint4(ctx: &SockAddrContext) -> i32 {
+    let c = match endpoint_stage(ctx, true) {
         Ok(c) => c,
         Err(verdict) => return verdict,
     };
@@ -328,9 +355,10 @@ pub fn kmesh_connect4_endpoint(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn kmesh_connect6_endpoint(ctx: SockAddrContext) -> i32 {
-    let c = match endpoint_stage(&ctx, false) {
+/// The endpoint stage of connect6.
+#[inline(always)]
+fn endpoint6(ctx: &SockAddrContext) -> i32 {
+    let c = match endpoint_stage(ctx, false) {
         Ok(c) => c,
         Err(verdict) => return verdict,
     };
