@@ -457,6 +457,34 @@ fn healthy_priority_zero_takes_all_traffic() {
 }
 
 #[test]
+fn priority_load_split_becomes_slot_weights() {
+    // P0: two endpoints, one unhealthy → health 50% × 1.4 = 70; P1 takes
+    // the remaining 30 (Envoy's documented split), so 7 : 3 slots.
+    let text = base().replace(
+        "      endpoints:\n      - lb_endpoints:\n",
+        "      endpoints:\n      - priority: 1\n        lb_endpoints:\n        - endpoint: {address: {socket_address: {address: 10.9.9.9, port_value: 1}}}\n      - lb_endpoints:\n",
+    );
+    let text = text.replace(
+        "        - endpoint: {address: {socket_address: {address: \"10.244.1.3\", port_value: 8080}}}\n",
+        "        - endpoint: {address: {socket_address: {address: \"10.244.1.3\", port_value: 8080}}}\n          health_status: UNHEALTHY\n",
+    );
+    let flat = compile_static_config(&text).unwrap();
+    let svc = flat.services.values().next().unwrap();
+    let w: Vec<(String, u32)> = svc
+        .endpoints
+        .iter()
+        .map(|e| (e.addr.to_string(), e.weight))
+        .collect();
+    assert_eq!(
+        w,
+        vec![("10.244.1.2:8080".into(), 7), ("10.9.9.9:1".into(), 3)],
+        "{:?}",
+        flat.warnings
+    );
+    assert_eq!(svc.slots.len(), 10);
+}
+
+#[test]
 fn circuit_breaker_max_connections() {
     let with = |cb: &str| {
         base().replace(

@@ -129,3 +129,36 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<
     tracing::info!(%addr, "metrics on /status/metric and /metrics");
     axum::serve(listener, router(state)).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::ClusterCounters;
+
+    #[test]
+    fn cluster_counters_are_exposed_like_envoys() {
+        let mut out = String::new();
+        render_clusters(
+            &[ClusterCounters {
+                cluster: "outbound|80||web".into(),
+                active: 3,
+                overflow: 20,
+            }],
+            &mut out,
+        );
+        assert!(out.contains("# TYPE kmesh_cluster_upstream_cx_active gauge"), "{out}");
+        assert!(
+            out.contains("kmesh_cluster_upstream_cx_active{cluster=\"outbound|80||web\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "kmesh_cluster_upstream_cx_overflow_total{cluster=\"outbound|80||web\"} 20\n"
+            ),
+            "{out}"
+        );
+        let mut none = String::new();
+        render_clusters(&[], &mut none);
+        assert!(none.is_empty());
+    }
+}
