@@ -175,11 +175,20 @@ fn maglev_keeps_clients_on_their_backend_and_moves_only_the_removed_ones() {
             .map(|c| {
                 let r = m.node.connect(c, sa(VIP), 8).unwrap();
                 assert_eq!(r.errors, 0, "{r:?}");
-                assert_eq!(r.backends.len(), 1, "{} moved between backends: {r:?}", c.name);
+                assert_eq!(
+                    r.backends.len(),
+                    1,
+                    "{} moved between backends: {r:?}",
+                    c.name
+                );
                 let got = r.backends.keys().next().unwrap().clone();
                 let cookie = kmesh_daemon::netns::cookie_of(&c.netns_path).unwrap();
                 let entry = kmesh_abi::maglev_hash(cookie) as usize % slots.len();
-                assert_eq!(got, name_of[&slots[entry]], "{} not on its table entry", c.name);
+                assert_eq!(
+                    got, name_of[&slots[entry]],
+                    "{} not on its table entry",
+                    c.name
+                );
                 got
             })
             .collect()
@@ -237,7 +246,10 @@ fn priority_failover_and_back() {
     m.dp.apply(&compile(&cfg("HEALTHY", "UNHEALTHY"))).unwrap();
     let r = m.node.connect(&m.client, sa(VIP), n).unwrap();
     assert_eq!((r.errors, r.count("srv1")), (0, 0), "{r:?}");
-    assert!(r.count("srv2").abs_diff(30) <= 3 * ncpu(), "70/30 gave {r:?}");
+    assert!(
+        r.count("srv2").abs_diff(30) <= 3 * ncpu(),
+        "70/30 gave {r:?}"
+    );
 
     // All of priority 0 unhealthy: everything fails over to priority 1.
     m.dp.apply(&compile(&cfg("UNHEALTHY", "DRAINING"))).unwrap();
@@ -322,4 +334,36 @@ fn failed_connects_do_not_leak_active_counts() {
     wait_active(&m, 3);
     drop(held);
     wait_active(&m, 0);
+}
+
+#[test]
+fn connects_failing_before_the_syn_are_released_with_the_socket() {
+    let mut m = mesh(1, &[]);
+    // The client cannot route to 192.0.2.0/24: connect() fails in the
+    // kernel's route lookup, after the connect program counted it but
+    // before any SYN (sockops never sees this socket). Only the
+    // sock_release program gives the count back.
+    bpf_tests::ip(&[
+        "-n",
+        &m.client.netns,
+        "route",
+        "add",
+        "unreachable",
+        "192.0.2.0/24",
+    ])
+    .unwrap();
+    m.dp.apply(&compile(&config(
+        "ROUND_ROBIN",
+        BREAKER,
+        &[(0, vec![(sa("192.0.2.1:80"), "HEALTHY")])],
+    )))
+    .unwrap();
+    let r = m.node.connect(&m.client, sa(VIP), 20).unwrap();
+    assert_eq!(r.errors, 20, "{r:?}");
+    assert!(
+        !r.error_kinds.contains_key("PermissionDenied"),
+        "the breaker must not open: {r:?}"
+    );
+    wait_active(&m, 0);
+    assert_eq!(counters(&m).overflow, 0);
 }

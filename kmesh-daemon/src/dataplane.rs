@@ -31,7 +31,7 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, ProgramArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
 use kmesh_abi::{
@@ -58,24 +58,52 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
 /// The tail-called stages of the connect pipeline: (program array, index,
 /// program), see `kmesh-ebpf/src/main.rs`.
 pub const CONNECT_STAGES: [(&str, u32, &str); 10] = [
-    ("KM_CONNECT4_STAGES", stage::ROUND_ROBIN, "kmesh_connect4_rr"),
+    (
+        "KM_CONNECT4_STAGES",
+        stage::ROUND_ROBIN,
+        "kmesh_connect4_rr",
+    ),
     ("KM_CONNECT4_STAGES", stage::RANDOM, "kmesh_connect4_random"),
-    ("KM_CONNECT4_STAGES", stage::LEAST_REQUEST, "kmesh_connect4_lr"),
+    (
+        "KM_CONNECT4_STAGES",
+        stage::LEAST_REQUEST,
+        "kmesh_connect4_lr",
+    ),
     ("KM_CONNECT4_STAGES", stage::MAGLEV, "kmesh_connect4_maglev"),
-    ("KM_CONNECT4_STAGES", stage::ENDPOINT, "kmesh_connect4_endpoint"),
-    ("KM_CONNECT6_STAGES", stage::ROUND_ROBIN, "kmesh_connect6_rr"),
+    (
+        "KM_CONNECT4_STAGES",
+        stage::ENDPOINT,
+        "kmesh_connect4_endpoint",
+    ),
+    (
+        "KM_CONNECT6_STAGES",
+        stage::ROUND_ROBIN,
+        "kmesh_connect6_rr",
+    ),
     ("KM_CONNECT6_STAGES", stage::RANDOM, "kmesh_connect6_random"),
-    ("KM_CONNECT6_STAGES", stage::LEAST_REQUEST, "kmesh_connect6_lr"),
+    (
+        "KM_CONNECT6_STAGES",
+        stage::LEAST_REQUEST,
+        "kmesh_connect6_lr",
+    ),
     ("KM_CONNECT6_STAGES", stage::MAGLEV, "kmesh_connect6_maglev"),
-    ("KM_CONNECT6_STAGES", stage::ENDPOINT, "kmesh_connect6_endpoint"),
+    (
+        "KM_CONNECT6_STAGES",
+        stage::ENDPOINT,
+        "kmesh_connect6_endpoint",
+    ),
 ];
 
 /// The connection-tracking `sockops` program (see `kmesh-ebpf/src/sockops.rs`).
 pub const SOCKOPS_PROGRAM: &str = "kmesh_sockops";
 
+/// Gives back the connection counts of a steered socket when it is
+/// released (see `kmesh-ebpf/src/main.rs`).
+pub const SOCK_RELEASE_PROGRAM: &str = "kmesh_sock_release";
+
 /// Programs attached to the cgroup, one pinned link each: the connect and
-/// getpeername programs and sockops.
-pub const CGROUP_LINKS: usize = CONNECT_PROGRAMS.len() + 1;
+/// getpeername programs, sockops and sock_release.
+pub const CGROUP_LINKS: usize = CONNECT_PROGRAMS.len() + 2;
 
 /// Connection-telemetry maps (handed to `telemetry::Telemetry`), pinned
 /// for inspection too (`bpftool map dump pinned <pin dir>/KM_CONN`).
@@ -350,6 +378,12 @@ impl Dataplane {
                 })?;
         }
         let stages = load_stages(&mut ebpf)?;
+        program::<CgroupSock>(&mut ebpf, SOCK_RELEASE_PROGRAM)?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                program: SOCK_RELEASE_PROGRAM,
+                source,
+            })?;
         program::<SockOps>(&mut ebpf, SOCKOPS_PROGRAM)?
             .load()
             .map_err(|source| DataplaneError::Program {
@@ -465,6 +499,16 @@ impl Dataplane {
                 .take_link(id)
                 .map_err(|e| attach_err(SOCKOPS_PROGRAM, e))?;
             self.pin_link(SOCKOPS_PROGRAM, link.try_into())?;
+        }
+        let prog = program::<CgroupSock>(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?;
+        let id = prog
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(|e| attach_err(SOCK_RELEASE_PROGRAM, e))?;
+        if self.pin_dir.is_some() {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(SOCK_RELEASE_PROGRAM, e))?;
+            self.pin_link(SOCK_RELEASE_PROGRAM, link.try_into())?;
         }
         if let Some(dir) = &self.pin_dir {
             if let Some(parent) = dir.parent() {
@@ -734,11 +778,10 @@ fn load_stages(ebpf: &mut Ebpf) -> Result<Vec<ProgramArray<MapData>>, DataplaneE
     let mut arrays: Vec<(&'static str, ProgramArray<MapData>)> = Vec::new();
     for (array, index, name) in CONNECT_STAGES {
         let prog = program::<CgroupSockAddr>(ebpf, name)?;
-        prog.load()
-            .map_err(|source| DataplaneError::Program {
-                program: name,
-                source,
-            })?;
+        prog.load().map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })?;
         let fd = prog
             .fd()
             .map_err(|source| DataplaneError::Program {

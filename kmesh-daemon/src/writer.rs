@@ -184,9 +184,7 @@ impl ServiceTable {
         let mut todo: Vec<(SockAddr, &DesiredService)> = Vec::new();
         for (vip, want) in desired {
             match self.installed.get(vip) {
-                Some(have)
-                    if want.same_policy(&have.value) && have.slots == want.slots =>
-                {
+                Some(have) if want.same_policy(&have.value) && have.slots == want.slots => {
                     summary.unchanged += 1
                 }
                 Some(_) => {

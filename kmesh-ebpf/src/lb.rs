@@ -202,7 +202,10 @@ pub fn admit(cookie: u64, svc: &ServiceValue, backend: &SockAddr) -> Result<(), 
         backend: *backend,
         cluster_id: if cluster.is_some() { svc.cluster_id } else { 0 },
     };
-    if KM_STEERED.insert(&cookie, &rec, BPF_NOEXIST as u64).is_err() {
+    if KM_STEERED
+        .insert(&cookie, &rec, BPF_NOEXIST as u64)
+        .is_err()
+    {
         return Ok(());
     }
     if let Some(active) = cluster {

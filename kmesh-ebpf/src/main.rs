@@ -27,24 +27,23 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod sockops;
-/// Endpoint selection and connection accounting.
-mod lb;
 /// Dual-engine L4 authorization (XDP + tail calls).
 mod authz;
+/// Endpoint selection and connection accounting.
+mod lb;
+mod sockops;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use kmesh_abi::{
-    stage, stats, ServiceValue, SockAddr, FAMILY_V4, MAX_ENROLLED_NETNS, MAX_ORIG_DST,
-    MAX_SERVICES,
+    stage, stats, ServiceValue, SockAddr, FAMILY_V4, MAX_ENROLLED_NETNS, MAX_ORIG_DST, MAX_SERVICES,
 };
 
 /// Network namespaces whose sockets kmesh-rs manages (netns cookie → 1).
@@ -256,10 +255,7 @@ fn lb_stage(
 /// The endpoint stage's common part: family check, circuit breaker and
 /// accounting. Returns the context to rewrite from, or the verdict.
 #[inline(always)]
-fn endpoint_stage(
-    ctx: &SockAddrContext,
-    v4_socket: bool,
-) -> Result<&'static ConnectCtx, i32> {
+fn endpoint_stage(ctx: &SockAddrContext, v4_socket: bool) -> Result<&'static ConnectCtx, i32> {
     let cookie = socket_cookie(ctx);
     let c = stage_ctx(cookie).ok_or(REJECT)?;
     // An IPv4 backend is reachable from an IPv6 socket only as IPv4-mapped,
@@ -368,6 +364,19 @@ fn endpoint6(ctx: &SockAddrContext) -> i32 {
         write_ip6(sa, &c.backend.addr);
         write_volatile(addr_of_mut!((*sa).user_port), c.backend.port as u32);
     }
+    ALLOW
+}
+
+/// A socket is released (its last fd closed): give back the connection
+/// counts of a steered socket that sockops has not seen reach CLOSE — one
+/// whose connect failed before a SYN was sent (no route, no source
+/// port), or one the application closes while it is still open. Cost for
+/// every other socket: one hash lookup.
+#[cgroup_sock(sock_release)]
+pub fn kmesh_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: helper valid for cgroup sock programs (Linux 5.8+).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    lb::release(cookie);
     ALLOW
 }
 

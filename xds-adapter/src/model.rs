@@ -1165,10 +1165,7 @@ mod tests {
     fn lb_policy_abi() {
         assert_eq!(LbPolicy::RoundRobin.to_abi(), kmesh_abi::LB_ROUND_ROBIN);
         assert_eq!(LbPolicy::Random.to_abi(), kmesh_abi::LB_RANDOM);
-        assert_eq!(
-            LbPolicy::LeastRequest.to_abi(),
-            kmesh_abi::LB_LEAST_REQUEST
-        );
+        assert_eq!(LbPolicy::LeastRequest.to_abi(), kmesh_abi::LB_LEAST_REQUEST);
         assert_eq!(LbPolicy::RingHash.to_abi(), kmesh_abi::LB_MAGLEV);
         assert_eq!(LbPolicy::Maglev.to_abi(), kmesh_abi::LB_MAGLEV);
     }

@@ -51,7 +51,12 @@ fn render_clusters(clusters: &[crate::dataplane::ClusterCounters], out: &mut Str
     );
     for c in clusters {
         let labels = [("cluster", c.cluster.as_str())];
-        sample(out, "kmesh_cluster_upstream_cx_active", &labels, c.active as f64);
+        sample(
+            out,
+            "kmesh_cluster_upstream_cx_active",
+            &labels,
+            c.active as f64,
+        );
     }
     header(
         out,
@@ -146,7 +151,10 @@ mod tests {
             }],
             &mut out,
         );
-        assert!(out.contains("# TYPE kmesh_cluster_upstream_cx_active gauge"), "{out}");
+        assert!(
+            out.contains("# TYPE kmesh_cluster_upstream_cx_active gauge"),
+            "{out}"
+        );
         assert!(
             out.contains("kmesh_cluster_upstream_cx_active{cluster=\"outbound|80||web\"} 3\n"),
             "{out}"
