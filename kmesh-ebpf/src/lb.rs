@@ -172,36 +172,27 @@ pub struct Overflow;
 /// is open (`max_connections` reached); the refusal is counted per
 /// cluster. A second connect() on the same socket (a non-blocking connect
 /// polled by calling connect again) is not counted twice. If the socket
-/// cannot be recorded (`KM_STEERED` full) nothing is counted, so nothing
-/// can leak.
+/// cannot be recorded (`KM_STEERED` full: 65,536 open steered
+/// connections) nothing is counted, so nothing can leak, and the breaker
+/// does not apply to it. Cost: one counter lookup, one insert, one
+/// endpoint counter lookup and two atomic adds.
 ///
 /// Check-then-add is not one atomic step: connects racing on different
 /// CPUs can each see `max - 1` and all pass, so the limit may be exceeded
 /// by at most (CPUs − 1), as Envoy's per-worker checks also allow.
 #[inline(always)]
 pub fn admit(cookie: u64, svc: &ServiceValue, backend: &SockAddr) -> Result<(), Overflow> {
-    // SAFETY: presence test only.
-    if unsafe { KM_STEERED.get(&cookie) }.is_some() {
-        return Ok(());
-    }
     let cluster = if svc.cluster_id != 0 {
         counter(&KM_CX_ACTIVE, &svc.cluster_id)
     } else {
         None
     };
-    if let Some(active) = cluster {
-        // SAFETY: map value pointer from a successful lookup.
-        if svc.max_connections != 0 && unsafe { *active } >= u64::from(svc.max_connections) {
-            if let Some(o) = counter(&KM_CX_OVERFLOW, &svc.cluster_id) {
-                add(o, 1);
-            }
-            return Err(Overflow);
-        }
-    }
     let rec = Steered {
         backend: *backend,
         cluster_id: if cluster.is_some() { svc.cluster_id } else { 0 },
     };
+    // One insert both records the socket and tells a repeated connect()
+    // (EEXIST: already counted) from a first one.
     if KM_STEERED
         .insert(&cookie, &rec, BPF_NOEXIST as u64)
         .is_err()
@@ -209,6 +200,14 @@ pub fn admit(cookie: u64, svc: &ServiceValue, backend: &SockAddr) -> Result<(), 
         return Ok(());
     }
     if let Some(active) = cluster {
+        // SAFETY: map value pointer from a successful lookup.
+        if svc.max_connections != 0 && unsafe { *active } >= u64::from(svc.max_connections) {
+            let _ = KM_STEERED.remove(&cookie);
+            if let Some(o) = counter(&KM_CX_OVERFLOW, &svc.cluster_id) {
+                add(o, 1);
+            }
+            return Err(Overflow);
+        }
         add(active, 1);
     }
     if let Some(ep) = counter(&KM_EP_ACTIVE, backend) {

@@ -79,9 +79,11 @@ static KM_CONNECT6_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::
 /// One connect in flight, handed from stage to stage on this CPU. The
 /// programs of one connect stay on one CPU (migration is disabled), but
 /// on a preemptible kernel another task's connect on the same CPU may run
-/// in between and overwrite the entry: every stage checks `cookie` against
-/// its own socket and refuses the connect if it changed (counted as
-/// `CONNECT_PIPELINE_ERROR`) rather than steer with another socket's state.
+/// in between and overwrite the entry: the endpoint stage checks `cookie`
+/// against its own socket and refuses the connect if it changed (counted
+/// as `CONNECT_PIPELINE_ERROR`) rather than steer with another socket's
+/// state (an LB stage may have picked from the other connect's service by
+/// then, which the same check catches).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ConnectCtx {
@@ -236,7 +238,9 @@ fn lb_stage(
     pick: fn(&ServiceValue, u64) -> Option<SockAddr>,
     endpoint: fn(&SockAddrContext) -> i32,
 ) -> i32 {
-    let Some(c) = stage_ctx(socket_cookie(ctx)) else {
+    // The cookie is checked once, in the endpoint stage: state another
+    // connect overwrote here only leads to a pick the endpoint stage refuses.
+    let Some(c) = connect_ctx() else {
         return REJECT;
     };
     match pick(&c.svc, c.netns) {
