@@ -40,6 +40,47 @@ pub const FAMILY_V6: u8 = 6;
 pub const LB_ROUND_ROBIN: u32 = 0;
 /// `ServiceValue::lb_policy`: uniform random slot.
 pub const LB_RANDOM: u32 = 1;
+/// `ServiceValue::lb_policy`: power of two choices: two random slots, the
+/// endpoint with fewer active connections wins.
+pub const LB_LEAST_REQUEST: u32 = 2;
+/// `ServiceValue::lb_policy`: the slots are a Maglev lookup table; the
+/// client (its network namespace) is hashed onto it.
+pub const LB_MAGLEV: u32 = 3;
+
+/// The hash the `LB_MAGLEV` stage puts a client's network-namespace cookie
+/// through before taking it modulo the table size: splitmix64's
+/// finaliser, so that consecutive cookies spread over the table. Shared
+/// with userspace so a client's entry can be predicted.
+#[inline(always)]
+pub const fn maglev_hash(cookie: u64) -> u32 {
+    let mut x = cookie;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) as u32
+}
+
+/// Capacity of the per-cluster active-connection and overflow maps.
+pub const MAX_CLUSTERS: u32 = 16_384;
+/// Capacity of the per-endpoint active-connection map.
+pub const MAX_ENDPOINTS: u32 = 65_536;
+/// Capacity of the socket-cookie → steering record map (one entry per
+/// open connection the connect programs steered).
+pub const MAX_STEERED: u32 = 65_536;
+
+/// Indexes of the tail-called stages of the connect pipeline in
+/// `KM_CONNECT4_STAGES` / `KM_CONNECT6_STAGES`. The LB stages sit at the
+/// index of their `LB_*` value, so the entry program tail-calls
+/// `stages[service.lb_policy]`.
+pub mod stage {
+    pub const ROUND_ROBIN: u32 = super::LB_ROUND_ROBIN;
+    pub const RANDOM: u32 = super::LB_RANDOM;
+    pub const LEAST_REQUEST: u32 = super::LB_LEAST_REQUEST;
+    pub const MAGLEV: u32 = super::LB_MAGLEV;
+    /// Circuit breaking, connection accounting and the address rewrite.
+    pub const ENDPOINT: u32 = 4;
+    /// Number of stages (the program arrays' size).
+    pub const COUNT: u32 = 5;
+}
 
 /// An IP socket address in kernel byte order. Used as the service key
 /// (the VIP:port a listener captures), as a backend (slot value) and as the
@@ -105,6 +146,26 @@ pub struct ServiceValue {
     pub lb_policy: u32,
     /// Reserved, zero.
     pub flags: u32,
+    /// Key of the cluster's connection counters (`KM_CX_ACTIVE`,
+    /// `KM_CX_OVERFLOW`): a stable hash of the cluster name, so counts
+    /// survive config updates and restarts. Zero: no cluster accounting
+    /// (a route split over several clusters).
+    pub cluster_id: u32,
+    /// Circuit breaker: connects fail once the cluster has this many
+    /// active connections. Zero: unlimited.
+    pub max_connections: u32,
+}
+
+/// What the connect pipeline remembers of a socket it steered, keyed by
+/// socket cookie in `KM_STEERED`, so that the close (seen by `sockops`)
+/// gives back exactly the counts the connect took.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Steered {
+    /// The backend the connect was sent to (key of `KM_EP_ACTIVE`).
+    pub backend: SockAddr,
+    /// `ServiceValue::cluster_id` at connect time (0: none counted).
+    pub cluster_id: u32,
 }
 
 /// Key of the slot map. A service's endpoints are expanded into slots in
@@ -249,8 +310,16 @@ pub mod stats {
     pub const CONNECT_FAMILY_MISMATCH: u32 = 4;
     /// getpeername() answers rewritten back to the service address.
     pub const PEERNAME_RESTORED: u32 = 5;
+    /// connects refused by a cluster's circuit breaker (max_connections).
+    pub const CONNECT_OVERFLOW: u32 = 6;
+    /// connects refused because the per-CPU state of the connect pipeline
+    /// was overwritten by a connect that preempted this one.
+    pub const CONNECT_PIPELINE_ERROR: u32 = 7;
+    /// pipeline stages run inline because their tail call failed (program
+    /// array emptied during a daemon handover or uninstall).
+    pub const CONNECT_STAGE_INLINE: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 9;
 }
 
 pub mod authz;
@@ -266,6 +335,8 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SlotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Steered {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnState {}
     // SAFETY: as above.
@@ -289,11 +360,20 @@ mod tests {
 
     #[test]
     fn service_value_layout() {
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<ServiceValue>(), 24);
         assert_eq!(offset_of!(ServiceValue, service_id), 0);
         assert_eq!(offset_of!(ServiceValue, slot_count), 4);
         assert_eq!(offset_of!(ServiceValue, lb_policy), 8);
         assert_eq!(offset_of!(ServiceValue, flags), 12);
+        assert_eq!(offset_of!(ServiceValue, cluster_id), 16);
+        assert_eq!(offset_of!(ServiceValue, max_connections), 20);
+    }
+
+    #[test]
+    fn steered_layout() {
+        assert_eq!(size_of::<Steered>(), 24);
+        assert_eq!(offset_of!(Steered, cluster_id), 20);
+        assert_eq!(stage::ENDPOINT, stage::COUNT - 1);
     }
 
     #[test]

@@ -30,11 +30,14 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{HashMap, Map, MapData, PerCpuArray, ProgramArray},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
-use kmesh_abi::{stats, ServiceValue, SlotKey, SockAddr, ABI_VERSION, LB_RANDOM};
+use kmesh_abi::{
+    stage, stats, ServiceValue, SlotKey, SockAddr, ABI_VERSION, LB_LEAST_REQUEST, LB_MAGLEV,
+    LB_RANDOM,
+};
 use xds_adapter::FlatConfig;
 
 use crate::writer::{
@@ -52,19 +55,65 @@ pub const CONNECT_PROGRAMS: [&str; 4] = [
     "kmesh_getpeername6",
 ];
 
+/// The tail-called stages of the connect pipeline: (program array, index,
+/// program), see `kmesh-ebpf/src/main.rs`.
+pub const CONNECT_STAGES: [(&str, u32, &str); 10] = [
+    (
+        "KM_CONNECT4_STAGES",
+        stage::ROUND_ROBIN,
+        "kmesh_connect4_rr",
+    ),
+    ("KM_CONNECT4_STAGES", stage::RANDOM, "kmesh_connect4_random"),
+    (
+        "KM_CONNECT4_STAGES",
+        stage::LEAST_REQUEST,
+        "kmesh_connect4_lr",
+    ),
+    ("KM_CONNECT4_STAGES", stage::MAGLEV, "kmesh_connect4_maglev"),
+    (
+        "KM_CONNECT4_STAGES",
+        stage::ENDPOINT,
+        "kmesh_connect4_endpoint",
+    ),
+    (
+        "KM_CONNECT6_STAGES",
+        stage::ROUND_ROBIN,
+        "kmesh_connect6_rr",
+    ),
+    ("KM_CONNECT6_STAGES", stage::RANDOM, "kmesh_connect6_random"),
+    (
+        "KM_CONNECT6_STAGES",
+        stage::LEAST_REQUEST,
+        "kmesh_connect6_lr",
+    ),
+    ("KM_CONNECT6_STAGES", stage::MAGLEV, "kmesh_connect6_maglev"),
+    (
+        "KM_CONNECT6_STAGES",
+        stage::ENDPOINT,
+        "kmesh_connect6_endpoint",
+    ),
+];
+
 /// The connection-tracking `sockops` program (see `kmesh-ebpf/src/sockops.rs`).
 pub const SOCKOPS_PROGRAM: &str = "kmesh_sockops";
 
+/// Gives back the connection counts of a steered socket when it is
+/// released (see `kmesh-ebpf/src/main.rs`).
+pub const SOCK_RELEASE_PROGRAM: &str = "kmesh_sock_release";
+
 /// Programs attached to the cgroup, one pinned link each: the connect and
-/// getpeername programs and sockops.
-pub const CGROUP_LINKS: usize = CONNECT_PROGRAMS.len() + 1;
+/// getpeername programs, sockops and sock_release.
+pub const CGROUP_LINKS: usize = CONNECT_PROGRAMS.len() + 2;
 
 /// Connection-telemetry maps (handed to `telemetry::Telemetry`), pinned
 /// for inspection too (`bpftool map dump pinned <pin dir>/KM_CONN`).
 pub const TELEMETRY_MAPS: [&str; 3] = ["KM_CONN", "KM_TELEMETRY", "KM_TELEMETRY_CFG"];
 
-/// Names of the maps, as bpftool shows them.
-pub const MAPS: [&str; 7] = [
+/// Names of the maps, as bpftool shows them. All are pinned: the stage
+/// arrays and the per-CPU connect state too, so that during a restart the
+/// old entry program and the new stages share them, and the connection
+/// counters so that active counts survive the daemon.
+pub const MAPS: [&str; 14] = [
     "KM_ABI",
     "KM_MANAGE",
     "KM_SERVICE",
@@ -72,6 +121,13 @@ pub const MAPS: [&str; 7] = [
     "KM_RR",
     "KM_ORIGDST",
     "KM_STATS",
+    "KM_CONNECT4_STAGES",
+    "KM_CONNECT6_STAGES",
+    "KM_CONNECT_CTX",
+    "KM_CX_ACTIVE",
+    "KM_CX_OVERFLOW",
+    "KM_EP_ACTIVE",
+    "KM_STEERED",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +191,13 @@ pub struct Dataplane {
     manage: HashMap<MapData, u64, u32>,
     maps: KernelMaps,
     stats: PerCpuArray<MapData, u64>,
+    /// The connect pipeline's program arrays (kept: dropping the last
+    /// user reference of an unpinned program array empties it).
+    _stages: Vec<ProgramArray<MapData>>,
+    cx_active: HashMap<MapData, u32, u64>,
+    cx_overflow: HashMap<MapData, u32, u64>,
+    /// Cluster id → name, of the clusters in the last applied config.
+    cluster_names: BTreeMap<u32, String>,
     table: ServiceTable,
     attached_to: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
@@ -240,7 +303,21 @@ pub struct KernelService {
     pub vip: SocketAddr,
     pub service_id: u32,
     pub lb_policy: &'static str,
+    /// Key of the cluster counters (0: none).
+    pub cluster_id: u32,
+    /// Circuit breaker (0: none).
+    pub max_connections: u32,
     pub slots: Vec<SocketAddr>,
+}
+
+/// Connection counters of one cluster, from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterCounters {
+    pub cluster: String,
+    /// Connections steered to it and not closed yet.
+    pub active: u64,
+    /// Connects refused by its circuit breaker.
+    pub overflow: u64,
 }
 
 /// Everything the kernel holds, read back from the maps (not from the
@@ -260,6 +337,9 @@ pub const STAT_NAMES: [&str; stats::COUNT as usize] = [
     "connect_no_endpoint",
     "connect_family_mismatch",
     "peername_restored",
+    "connect_overflow",
+    "connect_pipeline_error",
+    "connect_stage_inline",
 ];
 
 impl Dataplane {
@@ -297,6 +377,13 @@ impl Dataplane {
                     source,
                 })?;
         }
+        let stages = load_stages(&mut ebpf)?;
+        program::<CgroupSock>(&mut ebpf, SOCK_RELEASE_PROGRAM)?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                program: SOCK_RELEASE_PROGRAM,
+                source,
+            })?;
         program::<SockOps>(&mut ebpf, SOCKOPS_PROGRAM)?
             .load()
             .map_err(|source| DataplaneError::Program {
@@ -316,6 +403,10 @@ impl Dataplane {
                 slot: take(&mut ebpf, "KM_SLOT")?,
             },
             stats: take(&mut ebpf, "KM_STATS")?,
+            _stages: stages,
+            cx_active: take(&mut ebpf, "KM_CX_ACTIVE")?,
+            cx_overflow: take(&mut ebpf, "KM_CX_OVERFLOW")?,
+            cluster_names: BTreeMap::new(),
             ebpf,
             table: ServiceTable::new(),
             attached_to: None,
@@ -409,6 +500,16 @@ impl Dataplane {
                 .map_err(|e| attach_err(SOCKOPS_PROGRAM, e))?;
             self.pin_link(SOCKOPS_PROGRAM, link.try_into())?;
         }
+        let prog = program::<CgroupSock>(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?;
+        let id = prog
+            .attach(&file, CgroupAttachMode::Single)
+            .map_err(|e| attach_err(SOCK_RELEASE_PROGRAM, e))?;
+        if self.pin_dir.is_some() {
+            let link = prog
+                .take_link(id)
+                .map_err(|e| attach_err(SOCK_RELEASE_PROGRAM, e))?;
+            self.pin_link(SOCK_RELEASE_PROGRAM, link.try_into())?;
+        }
         if let Some(dir) = &self.pin_dir {
             if let Some(parent) = dir.parent() {
                 for retired in retired_dirs(dir, parent) {
@@ -465,6 +566,11 @@ impl Dataplane {
     /// Makes the kernel route for exactly the services in `cfg`. On error
     /// the kernel keeps the previous config.
     pub fn apply(&mut self, cfg: &FlatConfig) -> Result<ApplySummary, DataplaneError> {
+        self.cluster_names = cfg
+            .services
+            .values()
+            .filter_map(|s| Some((s.cluster_id, s.cluster.clone()?)))
+            .collect();
         let desired: BTreeMap<SockAddr, DesiredService> =
             cfg.services.values().map(desired_record).collect();
         Ok(self.table.apply(&mut self.maps, &desired)?)
@@ -493,6 +599,11 @@ impl Dataplane {
         cfg: &FlatConfig,
         vips: &[SocketAddr],
     ) -> Result<ApplySummary, DataplaneError> {
+        for s in vips.iter().filter_map(|v| cfg.services.get(v)) {
+            if let Some(c) = &s.cluster {
+                self.cluster_names.insert(s.cluster_id, c.clone());
+            }
+        }
         let some: BTreeMap<SockAddr, DesiredService> = vips
             .iter()
             .filter_map(|v| cfg.services.get(v))
@@ -578,11 +689,14 @@ impl Dataplane {
             .map(|(vip, v, slots)| KernelService {
                 vip: xds_adapter::addr::from_abi(&vip),
                 service_id: v.service_id,
-                lb_policy: if v.lb_policy == LB_RANDOM {
-                    "RANDOM"
-                } else {
-                    "ROUND_ROBIN"
+                lb_policy: match v.lb_policy {
+                    LB_RANDOM => "RANDOM",
+                    LB_LEAST_REQUEST => "LEAST_REQUEST",
+                    LB_MAGLEV => "MAGLEV",
+                    _ => "ROUND_ROBIN",
                 },
+                cluster_id: v.cluster_id,
+                max_connections: v.max_connections,
                 slots: slots.iter().map(xds_adapter::addr::from_abi).collect(),
             })
             .collect();
@@ -597,6 +711,19 @@ impl Dataplane {
             enrolled_netns,
             stats: self.stats()?,
         })
+    }
+
+    /// Active-connection and overflow counts of the clusters of the applied
+    /// config (a cluster never connected to has none yet and reads 0).
+    pub fn cluster_counters(&self) -> Vec<ClusterCounters> {
+        self.cluster_names
+            .iter()
+            .map(|(id, name)| ClusterCounters {
+                cluster: name.clone(),
+                active: self.cx_active.get(id, 0).unwrap_or(0),
+                overflow: self.cx_overflow.get(id, 0).unwrap_or(0),
+            })
+            .collect()
     }
 
     /// Kernel ids of the loaded programs, by name (for bpftool and bpf_stats).
@@ -648,12 +775,48 @@ fn remove_links_except(links: &Path, program: &str, keep: &Path) {
     }
 }
 
+/// Loads the connect pipeline's stages and links them into their program
+/// arrays (a pinned array reused from an earlier daemon gets the new
+/// programs, which read the same pinned maps).
+fn load_stages(ebpf: &mut Ebpf) -> Result<Vec<ProgramArray<MapData>>, DataplaneError> {
+    let mut arrays: Vec<(&'static str, ProgramArray<MapData>)> = Vec::new();
+    for (array, index, name) in CONNECT_STAGES {
+        let prog = program::<CgroupSockAddr>(ebpf, name)?;
+        prog.load().map_err(|source| DataplaneError::Program {
+            program: name,
+            source,
+        })?;
+        let fd = prog
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                program: name,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| DataplaneError::MapIo {
+                map: array,
+                detail: e.to_string(),
+            })?;
+        if !arrays.iter().any(|(n, _)| *n == array) {
+            arrays.push((array, take(ebpf, array)?));
+        }
+        let (_, arr) = arrays
+            .iter_mut()
+            .find(|(n, _)| *n == array)
+            .expect("inserted above");
+        arr.set(index, &fd, 0).map_err(map_io(array))?;
+    }
+    Ok(arrays.into_iter().map(|(_, a)| a).collect())
+}
+
 /// A flattened service as the writer's kernel record.
 fn desired_record(s: &xds_adapter::FlatService) -> (SockAddr, DesiredService) {
     (
         xds_adapter::addr::to_abi(s.vip),
         DesiredService {
             lb_policy: s.lb_policy,
+            cluster_id: s.cluster_id,
+            max_connections: s.max_connections,
             slots: s
                 .slots
                 .iter()

@@ -19,11 +19,26 @@ use std::collections::BTreeMap;
 
 use kmesh_abi::{ServiceValue, SlotKey, SockAddr, MAX_SERVICES, MAX_SLOTS};
 
-/// What the kernel should hold for one service: LB policy and slots.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the kernel should hold for one service: LB policy, cluster
+/// accounting and slots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredService {
     pub lb_policy: u32,
+    /// `ServiceValue::cluster_id`.
+    pub cluster_id: u32,
+    /// `ServiceValue::max_connections`.
+    pub max_connections: u32,
     pub slots: Vec<SockAddr>,
+}
+
+impl DesiredService {
+    /// Whether `v` (installed) already says what this service wants,
+    /// slots aside.
+    fn same_policy(&self, v: &ServiceValue) -> bool {
+        v.lb_policy == self.lb_policy
+            && v.cluster_id == self.cluster_id
+            && v.max_connections == self.max_connections
+    }
 }
 
 /// The two maps the writer drives. Implemented by the real BPF maps and by
@@ -183,9 +198,7 @@ impl ServiceTable {
         let mut todo: Vec<(SockAddr, &DesiredService)> = Vec::new();
         for (vip, want) in desired {
             match self.installed.get(vip) {
-                Some(have)
-                    if have.value.lb_policy == want.lb_policy && have.slots == want.slots =>
-                {
+                Some(have) if want.same_policy(&have.value) && have.slots == want.slots => {
                     summary.unchanged += 1
                 }
                 Some(_) => {
@@ -228,6 +241,8 @@ impl ServiceTable {
                 slot_count: want.slots.len() as u32,
                 lb_policy: want.lb_policy,
                 flags: 0,
+                cluster_id: want.cluster_id,
+                max_connections: want.max_connections,
             };
             staged.push((
                 *vip,
@@ -401,6 +416,7 @@ mod tests {
                     DesiredService {
                         lb_policy: *lb,
                         slots: s.to_vec(),
+                        ..Default::default()
                     },
                 )
             })

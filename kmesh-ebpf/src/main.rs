@@ -5,29 +5,45 @@
 //! `cgroup/getpeername4|6` answer getpeername() on such a socket with the
 //! VIP the application dialled, so peer checks in applications keep working.
 //!
-//! Hot-path cost per connect: one hash lookup (netns cookie), one hash
-//! lookup (service), one per-CPU array access (round robin) and one hash
-//! lookup (slot), plus one LRU insert for the original destination. Nothing
-//! here loops, so the cost is flat in the number of services and endpoints.
+//! The connect path is a pipeline of tail-called stages, one program array
+//! per address family (`KM_CONNECT4_STAGES`, `KM_CONNECT6_STAGES`; the
+//! kernel only lets a program tail-call programs of its own attach type),
+//! with the state of one connect in the per-CPU `KM_CONNECT_CTX`:
+//!
+//! ```text
+//! entry (attached)   netns enrolled? → service by VIP:port → ctx
+//!   └─ stages[lb_policy]   round robin | random | least request | maglev
+//!        └─ stages[ENDPOINT]   circuit breaker, accounting, rewrite
+//! ```
+//!
+//! Cost per connect: sockets of pods that are not enrolled, and
+//! destinations that are not services, stop in the entry program after one
+//! or two hash lookups (no tail call). A steered connect adds two tail
+//! calls, one slot lookup (two for least request), the counter updates of
+//! `lb::admit` and one LRU insert for the original destination. Nothing
+//! loops, so the cost is flat in the number of services and endpoints.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-mod sockops;
 /// Dual-engine L4 authorization (XDP + tail calls).
 mod authz;
+/// Endpoint selection and connection accounting.
+mod lb;
+mod sockops;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::SockAddrContext,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use kmesh_abi::{
-    stats, ServiceValue, SlotKey, SockAddr, FAMILY_V4, LB_RANDOM, MAX_ENROLLED_NETNS, MAX_ORIG_DST,
-    MAX_SERVICES, MAX_SLOTS,
+    stage, stats, ServiceValue, SockAddr, FAMILY_V4, MAX_ENROLLED_NETNS, MAX_ORIG_DST, MAX_SERVICES,
 };
 
 /// Network namespaces whose sockets kmesh-rs manages (netns cookie → 1).
@@ -37,16 +53,6 @@ static KM_MANAGE: HashMap<u64, u32> = HashMap::with_max_entries(MAX_ENROLLED_NET
 /// Service VIP:port → where its slots live.
 #[map]
 static KM_SERVICE: HashMap<SockAddr, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
-
-/// (service id, slot) → backend address.
-#[map]
-static KM_SLOT: HashMap<SlotKey, SockAddr> = HashMap::with_max_entries(MAX_SLOTS, 0);
-
-/// Round-robin cursor per service id, per CPU: no atomics, no cross-CPU
-/// cache-line bouncing; over many connects every CPU's sequence is exact
-/// round robin, so the totals differ by at most the number of CPUs.
-#[map]
-static KM_RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 /// Socket cookie → the service address the application dialled. LRU: an
 /// entry of a closed socket is reclaimed under pressure.
@@ -62,7 +68,41 @@ static KM_ABI: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static KM_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 
-/// Return values of cgroup sock_addr programs.
+/// Stages of the connect4 pipeline, indexes in `kmesh_abi::stage`.
+#[map]
+static KM_CONNECT4_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::COUNT, 0);
+
+/// Stages of the connect6 pipeline, indexes in `kmesh_abi::stage`.
+#[map]
+static KM_CONNECT6_STAGES: ProgramArray = ProgramArray::with_max_entries(stage::COUNT, 0);
+
+/// One connect in flight, handed from stage to stage on this CPU. The
+/// programs of one connect stay on one CPU (migration is disabled), but
+/// on a preemptible kernel another task's connect on the same CPU may run
+/// in between and overwrite the entry: the endpoint stage checks `cookie`
+/// against its own socket and refuses the connect if it changed (counted
+/// as `CONNECT_PIPELINE_ERROR`) rather than steer with another socket's
+/// state (an LB stage may have picked from the other connect's service by
+/// then, which the same check catches).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConnectCtx {
+    /// Socket cookie of the connect this state belongs to.
+    cookie: u64,
+    /// The VIP:port dialled.
+    dst: SockAddr,
+    /// The backend the LB stage chose.
+    backend: SockAddr,
+    svc: ServiceValue,
+    /// Network namespace cookie of the client.
+    netns: u64,
+}
+
+#[map]
+static KM_CONNECT_CTX: PerCpuArray<ConnectCtx> = PerCpuArray::with_max_entries(1, 0);
+
+/// Return values of cgroup sock_addr programs. Returning REJECT makes
+/// connect() fail at once with EPERM.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -74,6 +114,32 @@ fn count(index: u32) {
         // SAFETY: a per-CPU slot is only touched by programs on this CPU,
         // and the pointer comes from a successful lookup.
         unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+fn connect_ctx() -> Option<&'static mut ConnectCtx> {
+    // SAFETY: per-CPU entry from a successful lookup; see `ConnectCtx`
+    // for who else may write it.
+    KM_CONNECT_CTX.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// This connect's state as the previous stage left it, or `None` (and
+/// counted) if it is gone.
+#[inline(always)]
+fn stage_ctx(cookie: u64) -> Option<&'static mut ConnectCtx> {
+    match connect_ctx() {
+        Some(c) if c.cookie == cookie => Some(c),
+        _ => {
+            count(stats::CONNECT_PIPELINE_ERROR);
+            None
+        }
     }
 }
 
@@ -93,23 +159,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst = SockAddr::from_raw_v4(ip4, port as u16);
-    match pick_backend(&ctx, &dst) {
-        Decision::Untouched => ALLOW,
-        Decision::Refuse => REJECT,
-        Decision::Backend(b) => {
-            if b.family != FAMILY_V4 {
-                count(stats::CONNECT_FAMILY_MISMATCH);
-                return REJECT;
-            }
-            // SAFETY: 4-byte writes to fields the verifier lets connect4 write.
-            unsafe {
-                write_volatile(addr_of_mut!((*sa).user_ip4), b.addr[3]);
-                write_volatile(addr_of_mut!((*sa).user_port), b.port as u32);
-            }
-            remember(&ctx, &dst);
-            ALLOW
-        }
-    }
+    entry(&ctx, dst, &KM_CONNECT4_STAGES, endpoint4)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -127,26 +177,211 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let dst = SockAddr::from_raw_v6(ip6, port as u16);
-    match pick_backend(&ctx, &dst) {
-        Decision::Untouched => ALLOW,
-        Decision::Refuse => REJECT,
-        Decision::Backend(b) => {
-            // An IPv4 backend is reachable from an IPv6 socket only as
-            // IPv4-mapped, which only works when the VIP was IPv4-mapped
-            // too (a dual-stack socket); an IPv6 backend never from IPv4.
-            if b.family != dst.family {
-                count(stats::CONNECT_FAMILY_MISMATCH);
-                return REJECT;
-            }
-            // SAFETY: 4-byte writes to fields the verifier lets connect6 write.
-            unsafe {
-                write_ip6(sa, &b.addr);
-                write_volatile(addr_of_mut!((*sa).user_port), b.port as u32);
-            }
-            remember(&ctx, &dst);
-            ALLOW
+    entry(&ctx, dst, &KM_CONNECT6_STAGES, endpoint6)
+}
+
+/// The listener stage: is this socket ours and `dst` a service? If so,
+/// hand over to the service's LB stage.
+///
+/// A stage that cannot be tail-called is run inline instead (same code,
+/// counted as `CONNECT_STAGE_INLINE`): the program arrays lose their
+/// entries as soon as no user-space reference to them is left (the kernel
+/// clears a program array then), while the programs themselves are
+/// detached a little later (link release is deferred). During such a
+/// daemon handover or uninstall the pipeline degrades to one program
+/// instead of failing connects.
+#[inline(always)]
+fn entry(
+    ctx: &SockAddrContext,
+    dst: SockAddr,
+    stages: &ProgramArray,
+    endpoint: fn(&SockAddrContext) -> i32,
+) -> i32 {
+    count(stats::CONNECT_SEEN);
+    // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { KM_MANAGE.get(&netns) }.is_none() {
+        return ALLOW;
+    }
+    count(stats::CONNECT_ENROLLED);
+    // SAFETY: userspace replaces service values whole with one update; a
+    // torn read is impossible for a hash map element (RCU-replaced).
+    let svc = match unsafe { KM_SERVICE.get(&dst) } {
+        Some(s) => *s,
+        None => return ALLOW,
+    };
+    if svc.slot_count == 0 {
+        count(stats::CONNECT_NO_ENDPOINT);
+        return REJECT;
+    }
+    let Some(c) = connect_ctx() else {
+        return REJECT;
+    };
+    c.cookie = socket_cookie(ctx);
+    c.dst = dst;
+    c.svc = svc;
+    c.netns = netns;
+    // SAFETY: on success the tail call does not return; the stage is a
+    // cgroup/connect program of the same attach type as this one.
+    let _ = unsafe { stages.tail_call(ctx, svc.lb_policy) };
+    count(stats::CONNECT_STAGE_INLINE);
+    lb_stage(ctx, stages, lb::pick, endpoint)
+}
+
+/// An LB stage: picks the backend with `pick`, then hands over to the
+/// endpoint stage.
+#[inline(always)]
+fn lb_stage(
+    ctx: &SockAddrContext,
+    stages: &ProgramArray,
+    pick: fn(&ServiceValue, u64) -> Option<SockAddr>,
+    endpoint: fn(&SockAddrContext) -> i32,
+) -> i32 {
+    // The cookie is checked once, in the endpoint stage: state another
+    // connect overwrote here only leads to a pick the endpoint stage refuses.
+    let Some(c) = connect_ctx() else {
+        return REJECT;
+    };
+    match pick(&c.svc, c.netns) {
+        Some(b) => c.backend = b,
+        None => {
+            count(stats::CONNECT_NO_ENDPOINT);
+            return REJECT;
         }
     }
+    // SAFETY: as in `entry`.
+    let _ = unsafe { stages.tail_call(ctx, stage::ENDPOINT) };
+    count(stats::CONNECT_STAGE_INLINE);
+    endpoint(ctx)
+}
+
+/// The endpoint stage's common part: family check, circuit breaker and
+/// accounting. Returns the context to rewrite from, or the verdict.
+#[inline(always)]
+fn endpoint_stage(ctx: &SockAddrContext, v4_socket: bool) -> Result<&'static ConnectCtx, i32> {
+    let cookie = socket_cookie(ctx);
+    let c = stage_ctx(cookie).ok_or(REJECT)?;
+    // An IPv4 backend is reachable from an IPv6 socket only as IPv4-mapped,
+    // which only works when the VIP was IPv4-mapped too (a dual-stack
+    // socket); an IPv6 backend never from IPv4.
+    let family_ok = if v4_socket {
+        c.backend.family == FAMILY_V4
+    } else {
+        c.backend.family == c.dst.family
+    };
+    if !family_ok {
+        count(stats::CONNECT_FAMILY_MISMATCH);
+        return Err(REJECT);
+    }
+    if lb::admit(cookie, &c.svc, &c.backend).is_err() {
+        count(stats::CONNECT_OVERFLOW);
+        return Err(REJECT);
+    }
+    // A full LRU evicts the oldest entry; failure only loses the VIP
+    // rewrite of getpeername for this socket.
+    let _ = KM_ORIGDST.insert(&cookie, &c.dst, 0);
+    count(stats::CONNECT_REDIRECTED);
+    Ok(c)
+}
+
+/// Defines the LB stages of one family's pipeline.
+macro_rules! lb_stages {
+    ($attach:ident, $stages:ident, $endpoint:ident, $rr:ident, $random:ident, $lr:ident, $maglev:ident) => {
+        #[cgroup_sock_addr($attach)]
+        pub fn $rr(ctx: SockAddrContext) -> i32 {
+            lb_stage(&ctx, &$stages, |s, _| lb::pick_round_robin(s), $endpoint)
+        }
+
+        #[cgroup_sock_addr($attach)]
+        pub fn $random(ctx: SockAddrContext) -> i32 {
+            lb_stage(&ctx, &$stages, |s, _| lb::pick_random(s), $endpoint)
+        }
+
+        #[cgroup_sock_addr($attach)]
+        pub fn $lr(ctx: SockAddrContext) -> i32 {
+            lb_stage(&ctx, &$stages, |s, _| lb::pick_least_request(s), $endpoint)
+        }
+
+        #[cgroup_sock_addr($attach)]
+        pub fn $maglev(ctx: SockAddrContext) -> i32 {
+            lb_stage(&ctx, &$stages, lb::pick_maglev, $endpoint)
+        }
+    };
+}
+
+lb_stages!(
+    connect4,
+    KM_CONNECT4_STAGES,
+    endpoint4,
+    kmesh_connect4_rr,
+    kmesh_connect4_random,
+    kmesh_connect4_lr,
+    kmesh_connect4_maglev
+);
+lb_stages!(
+    connect6,
+    KM_CONNECT6_STAGES,
+    endpoint6,
+    kmesh_connect6_rr,
+    kmesh_connect6_random,
+    kmesh_connect6_lr,
+    kmesh_connect6_maglev
+);
+
+#[cgroup_sock_addr(connect4)]
+pub fn kmesh_connect4_endpoint(ctx: SockAddrContext) -> i32 {
+    endpoint4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kmesh_connect6_endpoint(ctx: SockAddrContext) -> i32 {
+    endpoint6(&ctx)
+}
+
+/// The endpoint stage of connect4.
+#[inline(always)]
+fn endpoint4(ctx: &SockAddrContext) -> i32 {
+    let c = match endpoint_stage(ctx, true) {
+        Ok(c) => c,
+        Err(verdict) => return verdict,
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: 4-byte writes to fields the verifier lets connect4 write.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip4), c.backend.addr[3]);
+        write_volatile(addr_of_mut!((*sa).user_port), c.backend.port as u32);
+    }
+    ALLOW
+}
+
+/// The endpoint stage of connect6.
+#[inline(always)]
+fn endpoint6(ctx: &SockAddrContext) -> i32 {
+    let c = match endpoint_stage(ctx, false) {
+        Ok(c) => c,
+        Err(verdict) => return verdict,
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: 4-byte writes to fields the verifier lets connect6 write.
+    unsafe {
+        write_ip6(sa, &c.backend.addr);
+        write_volatile(addr_of_mut!((*sa).user_port), c.backend.port as u32);
+    }
+    ALLOW
+}
+
+/// A socket is released (its last fd closed): give back the connection
+/// counts of a steered socket that sockops has not seen reach CLOSE — one
+/// whose connect failed before a SYN was sent (no route, no source
+/// port), or one the application closes while it is still open. Cost for
+/// every other socket: one hash lookup.
+#[cgroup_sock(sock_release)]
+pub fn kmesh_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: helper valid for cgroup sock programs (Linux 5.8+).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    lb::release(cookie);
+    ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -179,76 +414,6 @@ pub fn kmesh_getpeername6(ctx: SockAddrContext) -> i32 {
         count(stats::PEERNAME_RESTORED);
     }
     ALLOW
-}
-
-enum Decision {
-    /// Not ours: let the connect go where the application sent it.
-    Untouched,
-    /// A known service that cannot be served: fail the connect now.
-    Refuse,
-    Backend(SockAddr),
-}
-
-#[inline(always)]
-fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr) -> Decision {
-    count(stats::CONNECT_SEEN);
-    // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { KM_MANAGE.get(&netns) }.is_none() {
-        return Decision::Untouched;
-    }
-    count(stats::CONNECT_ENROLLED);
-    // SAFETY: userspace replaces service values whole with one update; a
-    // torn read is impossible for a hash map element (RCU-replaced).
-    let svc = match unsafe { KM_SERVICE.get(dst) } {
-        Some(s) => *s,
-        None => return Decision::Untouched,
-    };
-    if svc.slot_count == 0 {
-        count(stats::CONNECT_NO_ENDPOINT);
-        return Decision::Refuse;
-    }
-    let cursor = if svc.lb_policy == LB_RANDOM {
-        // SAFETY: helper without preconditions.
-        unsafe { bpf_get_prandom_u32() }
-    } else {
-        match KM_RR.get_ptr_mut(svc.service_id) {
-            // SAFETY: per-CPU slot from a successful lookup; only this CPU
-            // touches it.
-            Some(c) => unsafe {
-                let v = *c;
-                *c = v.wrapping_add(1);
-                v
-            },
-            None => 0,
-        }
-    };
-    let key = SlotKey {
-        service_id: svc.service_id,
-        slot: cursor % svc.slot_count,
-    };
-    // SAFETY: slot values are written before the service entry that makes
-    // them reachable and removed only after it moved away.
-    match unsafe { KM_SLOT.get(&key) } {
-        Some(b) => {
-            count(stats::CONNECT_REDIRECTED);
-            Decision::Backend(*b)
-        }
-        None => {
-            count(stats::CONNECT_NO_ENDPOINT);
-            Decision::Refuse
-        }
-    }
-}
-
-#[inline(always)]
-fn remember(ctx: &SockAddrContext, dst: &SockAddr) {
-    // SAFETY: helper valid for cgroup sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // A full LRU evicts the oldest entry; failure only loses the VIP
-    // rewrite of getpeername for this socket.
-    let _ = KM_ORIGDST.insert(&cookie, dst, 0);
 }
 
 #[inline(always)]

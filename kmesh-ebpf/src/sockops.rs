@@ -17,6 +17,11 @@
 //!   state (and the socket's `KM_ORIGDST` entry), so nothing stays behind
 //!   under connection churn.
 //!
+//! - TCP_CONNECT (SYN about to be sent) of a socket the connect pipeline
+//!   steered: ask for state-change callbacks, so that its CLOSE — also
+//!   SYN_SENT → CLOSE of a connect that never established — gives back the
+//!   active-connection counts (`lb::release`), whether or not telemetry is on.
+//!
 //! Cost: sockets of pods that are not enrolled pay one array read and one
 //! hash lookup at ESTABLISHED and nothing after (no callbacks are enabled
 //! for them). Tracked sockets pay one LRU update at ESTABLISHED, one lookup
@@ -30,8 +35,8 @@ use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
         BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1, BPF_TCP_LAST_ACK,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -48,7 +53,7 @@ use kmesh_abi::{
     TELEMETRY_CFG_LOG_LEVEL, TELEMETRY_CFG_MONITORING, TELEMETRY_CFG_WORDS,
 };
 
-use crate::{KM_MANAGE, KM_ORIGDST};
+use crate::{lb, KM_MANAGE, KM_ORIGDST};
 
 /// Socket cookie → state of a tracked connection (deleted at CLOSE).
 #[map]
@@ -83,6 +88,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, DIR_OUTBOUND),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, DIR_INBOUND),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB => on_segment(&ctx),
         BPF_SOCK_OPS_RTT_CB => on_rtt(&ctx),
@@ -180,11 +186,25 @@ fn on_established(ctx: &SockOpsContext, direction: u8) {
     emit(ctx, cookie, &state, EVENT_OPEN);
 }
 
+/// An active open is about to send its SYN: a steered socket needs its
+/// CLOSE seen to give back its connection counts. Costs one hash lookup.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    // SAFETY: helper allowed for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if lb::is_steered(cookie) {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    }
+}
+
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     let (old, new) = (ctx.arg(0), ctx.arg(1));
     // SAFETY: helper allowed for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if new == BPF_TCP_CLOSE {
+        lb::release(cookie);
+    }
     let Some(state) = KM_CONN.get_ptr_mut(&cookie) else {
         return;
     };

@@ -35,10 +35,19 @@ pub struct FlatService {
     pub vip: SocketAddr,
     /// `kmesh_abi::LB_*`.
     pub lb_policy: u32,
+    /// The cluster whose connection counters and circuit breaker apply:
+    /// set when the route has a single cluster (a split route counts
+    /// nothing per cluster).
+    pub cluster: Option<String>,
+    /// `kmesh_abi::ServiceValue::cluster_id` ([`cluster_id`] of `cluster`, or 0).
+    pub cluster_id: u32,
+    /// The cluster's circuit breaker (0 = none).
+    pub max_connections: u32,
     /// The endpoints behind the VIP with their effective weights (for
     /// display; the kernel only sees `slots`).
     pub endpoints: Vec<FlatEndpoint>,
-    /// The endpoints expanded by weight and interleaved; the kernel picks
+    /// The endpoints expanded by weight and interleaved — or, for MAGLEV
+    /// and RING_HASH, the Maglev lookup table; the kernel picks
     /// `slots[i]`. Never empty; every slot is one of `endpoints`.
     pub slots: Vec<SocketAddr>,
 }
@@ -93,6 +102,20 @@ fn flatten_impl(mesh: &MeshConfig) -> Result<(FlatConfig, Vec<crate::ConfigError
         );
         return Err(ConfigErrors(d.errors));
     }
+    let mut ids: BTreeMap<u32, &str> = BTreeMap::new();
+    for name in mesh.clusters.keys() {
+        if let Some(other) = ids.insert(cluster_id(name), name) {
+            d.error_hint(
+                &cluster_label(name),
+                "name",
+                format!("its counter id collides with cluster {other:?}'s"),
+                "rename one of the two clusters",
+            );
+        }
+    }
+    if !d.errors.is_empty() {
+        return Err(ConfigErrors(d.errors));
+    }
     let mut services = BTreeMap::new();
     for l in &mesh.listeners {
         if let Some(prev) = services
@@ -131,29 +154,52 @@ fn flatten_impl(mesh: &MeshConfig) -> Result<(FlatConfig, Vec<crate::ConfigError
     ))
 }
 
-/// The endpoints of one cluster of a route: (cluster, cluster weight,
-/// [(address, endpoint weight × locality weight)]).
-type Group<'a> = (&'a str, u32, Vec<(SocketAddr, u128)>);
+/// The endpoints of one priority of one cluster of a route: (cluster,
+/// cluster weight × the priority's load percent, [(address, endpoint
+/// weight × locality weight)]).
+type Group<'a> = (&'a str, u64, Vec<(SocketAddr, u128)>);
+
+/// The key of a cluster's kernel counters: FNV-1a 32 of its name, never 0
+/// (0 means "no cluster"). Stable across updates and restarts, so active
+/// counts carry over; [`flatten`] refuses two clusters with one id.
+pub fn cluster_id(name: &str) -> u32 {
+    let h = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h.max(1)
+}
 
 pub(crate) fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<FlatService> {
     let res = listener_label(&l.name);
     let before = d.errors.len();
     let mut groups: Vec<Group<'_>> = Vec::new();
     let mut policies = BTreeSet::new();
+    let mut used = Vec::new();
     for (name, cluster_weight) in l.route.clusters() {
         let Some(c) = mesh.clusters.get(name) else {
             d.error(&res, "route", format!("cluster {name:?} is not defined"));
             continue;
         };
         policies.insert(c.lb);
-        let eps: Vec<(SocketAddr, u128)> = c
-            .endpoints
-            .iter()
-            .filter(|e| e.priority == 0)
-            .map(|e| (e.addr, u128::from(e.weight) * u128::from(e.locality_weight)))
-            .filter(|(_, w)| *w > 0)
-            .collect();
-        if eps.is_empty() {
+        let loads = crate::priority::loads(&c.priority_health);
+        let mut any = false;
+        for (p, load) in loads.iter().enumerate() {
+            let eps: Vec<(SocketAddr, u128)> = c
+                .endpoints
+                .iter()
+                .filter(|e| e.priority as usize == p)
+                .map(|e| (e.addr, u128::from(e.weight) * u128::from(e.locality_weight)))
+                .filter(|(_, w)| *w > 0)
+                .collect();
+            if *load == 0 || eps.is_empty() {
+                continue;
+            }
+            any = true;
+            if cluster_weight > 0 {
+                groups.push((name, u64::from(cluster_weight) * u64::from(*load), eps));
+            }
+        }
+        if !any {
             d.error(
                 &cluster_label(name),
                 "load_assignment.endpoints",
@@ -162,7 +208,7 @@ pub(crate) fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<F
             continue;
         }
         if cluster_weight > 0 {
-            groups.push((name, cluster_weight, eps));
+            used.push(c);
         }
     }
     if d.errors.len() != before {
@@ -185,6 +231,20 @@ pub(crate) fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<F
                 "the weighted clusters have different lb_policy values; using ROUND_ROBIN",
             );
             LbPolicy::RoundRobin
+        }
+    };
+
+    let (cluster, cluster_id, max_connections) = match used.as_slice() {
+        [c] => (Some(c.name.clone()), cluster_id(&c.name), c.max_connections),
+        many => {
+            if many.iter().any(|c| c.max_connections > 0) {
+                d.warn(
+                    &res,
+                    "route",
+                    "circuit breakers apply to routes with a single cluster; not enforced for this split route",
+                );
+            }
+            (None, 0, 0)
         }
     };
 
@@ -234,14 +294,45 @@ pub(crate) fn service(l: &Listener, mesh: &MeshConfig, d: &mut Diag) -> Option<F
             e
         })
         .collect();
-    let slots = interleave(&endpoints);
+    let slots = if lb.is_hash() {
+        maglev_slots(&endpoints, &res, d)?
+    } else {
+        interleave(&endpoints)
+    };
     Some(FlatService {
         listener: l.name.clone(),
         vip: l.address,
         lb_policy: lb.to_abi(),
+        cluster,
+        cluster_id,
+        max_connections,
         endpoints,
         slots,
     })
+}
+
+/// The Maglev table of `endpoints` (weighted by their slot counts) as slots.
+fn maglev_slots(endpoints: &[FlatEndpoint], res: &str, d: &mut Diag) -> Option<Vec<SocketAddr>> {
+    let Some(m) = crate::maglev::table_size(endpoints.len()) else {
+        d.error_hint(
+            res,
+            "",
+            format!(
+                "{} endpoints do not fit a Maglev table of at most {} entries",
+                endpoints.len(),
+                crate::maglev::TABLE_SIZES[crate::maglev::TABLE_SIZES.len() - 1]
+            ),
+            "split the service or use fewer endpoints",
+        );
+        return None;
+    };
+    let weighted: Vec<(SocketAddr, u32)> = endpoints.iter().map(|e| (e.addr, e.weight)).collect();
+    Some(
+        crate::maglev::table(&weighted, m)
+            .into_iter()
+            .map(|i| endpoints[i].addr)
+            .collect(),
+    )
 }
 
 fn gcd(mut a: u128, mut b: u128) -> u128 {
@@ -283,12 +374,12 @@ fn exact_weights(groups: &[Group<'_>]) -> Option<Vec<u128>> {
 /// Floating-point fallback of [`exact_weights`] for weights too large to
 /// combine exactly: shares scaled to 2^52, at least 1.
 fn approx_weights(groups: &[Group<'_>]) -> Vec<u128> {
-    let total: f64 = groups.iter().map(|g| f64::from(g.1)).sum();
+    let total: f64 = groups.iter().map(|g| g.1 as f64).sum();
     let mut out = Vec::new();
     for (_, cw, eps) in groups {
         let sum: f64 = eps.iter().map(|(_, w)| *w as f64).sum();
         for (_, w) in eps {
-            let share = f64::from(*cw) / total * (*w as f64 / sum);
+            let share = *cw as f64 / total * (*w as f64 / sum);
             out.push(((share * 4_503_599_627_370_496.0).round() as u128).max(1));
         }
     }
@@ -378,7 +469,7 @@ mod tests {
         let approx = reduce(approx_weights(&groups));
         assert_eq!(approx, vec![1, 2, 1]);
         let huge: Vec<Group<'_>> = vec![
-            ("x", u32::MAX, vec![(a, u128::from(u64::MAX) - 1), (b, 1)]),
+            ("x", u64::MAX, vec![(a, u128::from(u64::MAX) - 1), (b, 1)]),
             ("y", 1, vec![(c, u128::from(u64::MAX) - 2)]),
         ];
         assert!(exact_weights(&huge).is_none());

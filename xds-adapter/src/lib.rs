@@ -11,8 +11,10 @@
 //! What is supported: TCP listeners on one `socket_address` (IP literal) with
 //! one filter chain whose network filter is `tcp_proxy` (`cluster` or
 //! `weighted_clusters`); STATIC, STRICT_DNS (IP literals only) and EDS
-//! clusters with ROUND_ROBIN or RANDOM load balancing, endpoint and locality
-//! weights, priority 0. Everything Envoy knows but the kernel does not do is
+//! clusters with ROUND_ROBIN, RANDOM, LEAST_REQUEST, MAGLEV or RING_HASH
+//! (served by a Maglev table) load balancing, endpoint and locality weights,
+//! priorities with health-based failover ([`priority`]) and the
+//! `max_connections` circuit breaker. Everything Envoy knows but the kernel does not do is
 //! either an error (when ignoring it would change where traffic goes) or a
 //! warning naming the resource and field (when it would not).
 //!
@@ -31,9 +33,11 @@ mod error;
 mod flatten;
 mod http;
 mod incremental;
+pub mod maglev;
 mod mesh;
 pub mod model;
 mod parse;
+pub mod priority;
 mod schema;
 pub mod workload;
 mod xds;
@@ -44,7 +48,7 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use flatten::{flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatService};
+pub use flatten::{cluster_id, flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatService};
 pub use incremental::{Changes, Incremental, ResourceSource};
 pub use mesh::MeshConfig;
 pub use xds::{

@@ -55,9 +55,16 @@ impl TcpRoute {
 pub struct Cluster {
     pub name: String,
     pub lb: LbPolicy,
-    /// All endpoints of the cluster, in configuration order (only those with
-    /// priority 0 are used in this version).
+    /// All healthy endpoints of the cluster, in configuration order, at
+    /// every priority (flattening splits the load over the priorities).
     pub endpoints: Vec<Endpoint>,
+    /// `circuit_breakers.thresholds[priority=DEFAULT].max_connections`
+    /// (Envoy's default 1024 when the threshold is given without it); 0 =
+    /// no circuit breaker configured.
+    pub max_connections: u32,
+    /// Per priority (index = priority): (healthy, total) endpoint counts,
+    /// the input of Envoy's priority load split.
+    pub priority_health: Vec<(u32, u32)>,
 }
 
 /// Load-balancing policies the kernel implements.
@@ -66,6 +73,12 @@ pub struct Cluster {
 pub enum LbPolicy {
     RoundRobin,
     Random,
+    /// Power of two choices over active connections.
+    LeastRequest,
+    /// Consistent hashing of the client; served by the Maglev table.
+    RingHash,
+    /// Consistent hashing of the client with a Maglev lookup table.
+    Maglev,
 }
 
 impl LbPolicy {
@@ -74,9 +87,19 @@ impl LbPolicy {
         match self {
             LbPolicy::RoundRobin => kmesh_abi::LB_ROUND_ROBIN,
             LbPolicy::Random => kmesh_abi::LB_RANDOM,
+            LbPolicy::LeastRequest => kmesh_abi::LB_LEAST_REQUEST,
+            LbPolicy::RingHash | LbPolicy::Maglev => kmesh_abi::LB_MAGLEV,
         }
     }
+
+    /// Whether the slots must be a consistent-hash lookup table.
+    pub fn is_hash(self) -> bool {
+        matches!(self, LbPolicy::RingHash | LbPolicy::Maglev)
+    }
 }
+
+/// Envoy's default `max_connections` of a circuit-breaker threshold.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 
 /// One backend of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -87,7 +110,7 @@ pub struct Endpoint {
     pub weight: u32,
     /// The locality's `load_balancing_weight` (default 1, always ≥ 1).
     pub locality_weight: u32,
-    /// The locality's priority (0 is the highest).
+    /// The locality's priority (0 is the highest; at most 127).
     pub priority: u32,
 }
 
@@ -784,6 +807,7 @@ pub(crate) fn convert_cluster(
             m.cluster_discovery_type = None;
             m.connect_timeout = None;
             m.lb_policy = 0;
+            m.circuit_breakers = None;
             m.load_assignment = None;
             m.eds_cluster_config = None;
             m.metadata = None;
@@ -830,17 +854,9 @@ pub(crate) fn convert_cluster(
     let lb = match PbLb::try_from(c.lb_policy) {
         Ok(PbLb::RoundRobin) => LbPolicy::RoundRobin,
         Ok(PbLb::Random) => LbPolicy::Random,
-        Ok(p @ (PbLb::LeastRequest | PbLb::RingHash | PbLb::Maglev)) => {
-            d.warn(
-                &res,
-                "lb_policy",
-                format!(
-                    "{} is not implemented in the kernel yet; using RANDOM",
-                    p.as_str_name()
-                ),
-            );
-            LbPolicy::Random
-        }
+        Ok(PbLb::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(PbLb::RingHash) => LbPolicy::RingHash,
+        Ok(PbLb::Maglev) => LbPolicy::Maglev,
         Ok(p) => {
             d.warn(
                 &res,
@@ -861,6 +877,8 @@ pub(crate) fn convert_cluster(
             LbPolicy::RoundRobin
         }
     };
+
+    let max_connections = circuit_breaker(c, d, &res);
 
     if let Some(t) = &c.connect_timeout {
         if t.seconds < 0 || t.nanos < 0 || (t.seconds == 0 && t.nanos == 0) {
@@ -899,7 +917,14 @@ pub(crate) fn convert_cluster(
                 );
             }
             match load_assignments.get(service) {
-                None if standalone => endpoints = Some(Vec::new()),
+                None if standalone => {
+                    endpoints = Some(Endpoints {
+                        endpoints: Vec::new(),
+                        health: Vec::new(),
+                        listed: 0,
+                        unhealthy: 0,
+                    })
+                }
                 Some(cla) => {
                     let eps = endpoints_of(cla, false, d, &cla_label(service), "");
                     if d.errors.len() == before && !has_usable(&eps) {
@@ -909,7 +934,7 @@ pub(crate) fn convert_cluster(
                             format!("{no_endpoints} (ClusterLoadAssignment {service:?}: {})", why_empty(&eps)),
                         );
                     }
-                    endpoints = Some(eps.endpoints);
+                    endpoints = Some(eps);
                 }
                 None => d.error_hint(
                     &res,
@@ -939,7 +964,7 @@ pub(crate) fn convert_cluster(
                         };
                         d.error(&res, "load_assignment.endpoints", msg);
                     }
-                    endpoints = Some(eps.endpoints);
+                    endpoints = Some(eps);
                 }
                 None => d.error(&res, "load_assignment.endpoints", no_endpoints),
             }
@@ -949,15 +974,68 @@ pub(crate) fn convert_cluster(
     if d.errors.len() != before {
         return None;
     }
+    let all = endpoints?;
+    let priority_health = all.health.clone();
     Some(Cluster {
         name: c.name.clone(),
         lb,
-        endpoints: endpoints?,
+        endpoints: all.endpoints,
+        max_connections,
+        priority_health,
     })
 }
 
+/// `max_connections` of the DEFAULT-priority circuit-breaker threshold.
+/// Only that threshold field is enforced (per connect, in the kernel);
+/// the request-level thresholds need an L7 proxy and are reported.
+fn circuit_breaker(c: &pb_cluster::Cluster, d: &mut Diag, res: &str) -> u32 {
+    let Some(cb) = &c.circuit_breakers else {
+        return 0;
+    };
+    let mut max = 0;
+    for (i, t) in cb.thresholds.iter().enumerate() {
+        let path = index("circuit_breakers.thresholds", i);
+        if t.priority != pb_core::RoutingPriority::Default as i32 {
+            d.warn(
+                res,
+                &join(&path, "priority"),
+                "only the DEFAULT priority threshold applies (routes have no priority here); ignored",
+            );
+            continue;
+        }
+        for (set, name) in [
+            (t.max_pending_requests.is_some(), "max_pending_requests"),
+            (t.max_requests.is_some(), "max_requests"),
+            (t.max_retries.is_some(), "max_retries"),
+            (t.retry_budget.is_some(), "retry_budget"),
+            (t.max_connection_pools.is_some(), "max_connection_pools"),
+        ] {
+            if set {
+                d.warn(res, &join(&path, name), IGNORED);
+            }
+        }
+        max = match &t.max_connections {
+            Some(v) if v.value == 0 => {
+                d.error_hint(
+                    res,
+                    &join(&path, "max_connections"),
+                    "0 would refuse every connection",
+                    "remove the cluster from the routes instead, or allow at least 1",
+                );
+                0
+            }
+            Some(v) => v.value,
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
+    }
+    max
+}
+
 pub(crate) struct Endpoints {
+    /// The healthy endpoints.
     endpoints: Vec<Endpoint>,
+    /// Per priority: (healthy, total) endpoints.
+    health: Vec<(u32, u32)>,
     /// Endpoints listed in the assignment, including excluded ones.
     listed: usize,
     /// Endpoints left out because their health status says so.
@@ -965,7 +1043,7 @@ pub(crate) struct Endpoints {
 }
 
 fn has_usable(e: &Endpoints) -> bool {
-    e.endpoints.iter().any(|e| e.priority == 0)
+    !e.endpoints.is_empty()
 }
 
 fn why_empty(e: &Endpoints) -> String {
@@ -974,7 +1052,7 @@ fn why_empty(e: &Endpoints) -> String {
     } else if e.unhealthy == e.listed {
         format!("all {} are unhealthy or draining", e.listed)
     } else {
-        "none at priority 0, the only priority used yet".into()
+        "none is usable".into()
     }
 }
 
@@ -1005,10 +1083,10 @@ pub(crate) fn endpoints_of(
     };
     let mut out = Endpoints {
         endpoints: Vec::new(),
+        health: Vec::new(),
         listed: 0,
         unhealthy: 0,
     };
-    let mut other_priority = 0usize;
     let epath = join(path, "endpoints");
     for (i, loc) in cla.endpoints.iter().enumerate() {
         let lpath = index(&epath, i);
@@ -1117,6 +1195,12 @@ pub(crate) fn endpoints_of(
                 HealthStatus::try_from(lbe.health_status),
                 Ok(HealthStatus::Unhealthy | HealthStatus::Draining | HealthStatus::Timeout)
             );
+            // Envoy's priorities are at most 128 levels (0..=127).
+            let p = loc.priority.min(127) as usize;
+            if out.health.len() <= p {
+                out.health.resize(p + 1, (0, 0));
+            }
+            out.health[p].1 += 1;
             if excluded {
                 out.unhealthy += 1;
                 d.warn(
@@ -1140,23 +1224,14 @@ pub(crate) fn endpoints_of(
                     format!("endpoint {addr} is listed twice; both entries count"),
                 );
             }
-            if loc.priority != 0 {
-                other_priority += 1;
-            }
+            out.health[p].0 += 1;
             out.endpoints.push(Endpoint {
                 addr,
                 weight,
                 locality_weight,
-                priority: loc.priority,
+                priority: loc.priority.min(127),
             });
         }
-    }
-    if other_priority > 0 {
-        d.warn(
-            res,
-            &epath,
-            format!("{other_priority} endpoint(s) at priority > 0 are not used (only priority 0 is supported yet)"),
-        );
     }
     out
 }
@@ -1182,5 +1257,8 @@ mod tests {
     fn lb_policy_abi() {
         assert_eq!(LbPolicy::RoundRobin.to_abi(), kmesh_abi::LB_ROUND_ROBIN);
         assert_eq!(LbPolicy::Random.to_abi(), kmesh_abi::LB_RANDOM);
+        assert_eq!(LbPolicy::LeastRequest.to_abi(), kmesh_abi::LB_LEAST_REQUEST);
+        assert_eq!(LbPolicy::RingHash.to_abi(), kmesh_abi::LB_MAGLEV);
+        assert_eq!(LbPolicy::Maglev.to_abi(), kmesh_abi::LB_MAGLEV);
     }
 }

@@ -163,7 +163,6 @@ fn ignored_fields_are_warnings() {
         w,
         vec![
             "cluster \"web\": field health_checks: not supported by the kmesh dataplane; ignored",
-            "cluster \"web\": field circuit_breakers: not supported by the kmesh dataplane; ignored",
             "listener \"web\": field filter_chains[0].transport_socket: not supported by the kmesh dataplane; ignored",
         ]
     );
@@ -414,26 +413,26 @@ fn duplicates() {
 
 #[test]
 fn lb_policies() {
-    for (policy, used) in [
-        ("LEAST_REQUEST", "RANDOM"),
-        ("RING_HASH", "RANDOM"),
-        ("MAGLEV", "RANDOM"),
+    for (policy, abi) in [
+        ("LEAST_REQUEST", kmesh_abi::LB_LEAST_REQUEST),
+        ("RING_HASH", kmesh_abi::LB_MAGLEV),
+        ("MAGLEV", kmesh_abi::LB_MAGLEV),
+        ("RANDOM", kmesh_abi::LB_RANDOM),
     ] {
         let text = base().replace(
             "    type: STATIC\n",
             &format!("    type: STATIC\n    lb_policy: {policy}\n"),
         );
         let flat = compile_static_config(&text).unwrap();
-        assert_eq!(
-            flat.warnings,
-            vec![format!(
-                "cluster \"web\": field lb_policy: {policy} is not implemented in the kernel yet; using {used}"
-            )]
-        );
-        assert_eq!(
-            flat.services.values().next().unwrap().lb_policy,
-            kmesh_abi::LB_RANDOM
-        );
+        assert_eq!(flat.warnings, Vec::<String>::new(), "{policy}");
+        let svc = flat.services.values().next().unwrap();
+        assert_eq!(svc.lb_policy, abi);
+        if abi == kmesh_abi::LB_MAGLEV {
+            // Two endpoints: the smallest table (1021), shared evenly.
+            assert_eq!(svc.slots.len(), 1021);
+            let first = svc.slots.iter().filter(|a| **a == svc.slots[0]).count();
+            assert!((510..=511).contains(&first), "{first}");
+        }
     }
     let text = base().replace(
         "    type: STATIC\n",
@@ -445,17 +444,70 @@ fn lb_policies() {
 }
 
 #[test]
-fn other_priorities_are_warned() {
+fn healthy_priority_zero_takes_all_traffic() {
     let text = base().replace(
         "      endpoints:\n      - lb_endpoints:\n",
         "      endpoints:\n      - priority: 1\n        lb_endpoints:\n        - endpoint: {address: {socket_address: {address: 10.9.9.9, port_value: 1}}}\n      - lb_endpoints:\n",
     );
     let flat = compile_static_config(&text).unwrap();
+    assert_eq!(flat.warnings, Vec::<String>::new());
+    let svc = flat.services.values().next().unwrap();
+    assert_eq!(svc.slots.len(), 2);
+    assert!(svc.endpoints.iter().all(|e| e.addr.port() != 1));
+}
+
+#[test]
+fn priority_load_split_becomes_slot_weights() {
+    // P0: two endpoints, one unhealthy → health 50% × 1.4 = 70; P1 takes
+    // the remaining 30 (Envoy's documented split), so 7 : 3 slots.
+    let text = base().replace(
+        "      endpoints:\n      - lb_endpoints:\n",
+        "      endpoints:\n      - priority: 1\n        lb_endpoints:\n        - endpoint: {address: {socket_address: {address: 10.9.9.9, port_value: 1}}}\n      - lb_endpoints:\n",
+    );
+    let text = text.replace(
+        "        - endpoint: {address: {socket_address: {address: \"10.244.1.3\", port_value: 8080}}}\n",
+        "        - endpoint: {address: {socket_address: {address: \"10.244.1.3\", port_value: 8080}}}\n          health_status: UNHEALTHY\n",
+    );
+    let flat = compile_static_config(&text).unwrap();
+    let svc = flat.services.values().next().unwrap();
+    let w: Vec<(String, u32)> = svc
+        .endpoints
+        .iter()
+        .map(|e| (e.addr.to_string(), e.weight))
+        .collect();
+    assert_eq!(
+        w,
+        vec![("10.244.1.2:8080".into(), 7), ("10.9.9.9:1".into(), 3)],
+        "{:?}",
+        flat.warnings
+    );
+    assert_eq!(svc.slots.len(), 10);
+}
+
+#[test]
+fn circuit_breaker_max_connections() {
+    let with = |cb: &str| {
+        base().replace(
+            "    type: STATIC\n",
+            &format!("    type: STATIC\n    circuit_breakers: {cb}\n"),
+        )
+    };
+    let flat = compile_static_config(&with("{thresholds: [{max_connections: 3}]}")).unwrap();
+    let svc = flat.services.values().next().unwrap();
+    assert_eq!(svc.max_connections, 3);
+    assert_eq!(svc.cluster.as_deref(), Some("web"));
+    assert_eq!(svc.cluster_id, xds_adapter::cluster_id("web"));
+    // A threshold without max_connections: Envoy's default 1024.
+    let flat = compile_static_config(&with("{thresholds: [{max_requests: 5}]}")).unwrap();
+    assert_eq!(flat.services.values().next().unwrap().max_connections, 1024);
     assert_eq!(
         flat.warnings,
-        vec!["cluster \"web\": field load_assignment.endpoints: 1 endpoint(s) at priority > 0 are not used (only priority 0 is supported yet)"]
+        vec!["cluster \"web\": field circuit_breakers.thresholds[0].max_requests: not supported by the kmesh dataplane; ignored"]
     );
-    assert_eq!(flat.services.values().next().unwrap().slots.len(), 2);
+    assert_has(
+        &errors(&with("{thresholds: [{max_connections: 0}]}")),
+        "cluster \"web\": field circuit_breakers.thresholds[0].max_connections: 0 would refuse every connection",
+    );
 }
 
 #[test]
@@ -549,6 +601,8 @@ fn slot_map_full() {
         name: "c".into(),
         lb: LbPolicy::RoundRobin,
         endpoints: vec![ep("10.0.0.1:1", 1), ep("10.0.0.2:1", 4095)],
+        max_connections: 0,
+        priority_health: vec![(2, 2)],
     };
     let listeners: Vec<Listener> = (0..65u32)
         .map(|i| Listener {
@@ -575,6 +629,8 @@ fn service_map_full() {
         name: "c".into(),
         lb: LbPolicy::RoundRobin,
         endpoints: vec![ep("10.0.0.1:1", 1)],
+        max_connections: 0,
+        priority_health: vec![(1, 1)],
     };
     let n = kmesh_abi::MAX_SERVICES + 1;
     let listeners: Vec<Listener> = (0..n)
@@ -605,6 +661,8 @@ fn too_many_endpoints_for_one_service() {
         name: "c".into(),
         lb: LbPolicy::Random,
         endpoints: eps,
+        max_connections: 0,
+        priority_health: vec![(4097, 4097)],
     };
     let l = Listener {
         name: "big".into(),

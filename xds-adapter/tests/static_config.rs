@@ -425,7 +425,7 @@ fn config_dump() {
     assert_eq!(db.slots, vec![sa("10.244.9.9:5432")]);
     let ratings = &flat.services[&sa("10.96.6.6:9080")];
     assert_eq!(ratings.listener, "ratings");
-    assert_eq!(ratings.lb_policy, kmesh_abi::LB_RANDOM);
+    assert_eq!(ratings.lb_policy, kmesh_abi::LB_LEAST_REQUEST);
     assert_eq!(
         ratings.slots,
         vec![sa("10.244.4.1:9080"), sa("10.244.4.3:9080")]
@@ -437,7 +437,6 @@ fn config_dump() {
     assert_eq!(
         flat.warnings,
         vec![
-            "cluster \"outbound|9080||ratings\": field lb_policy: LEAST_REQUEST is not implemented in the kernel yet; using RANDOM".to_string(),
             "cluster_load_assignment \"outbound|9080||ratings.default.svc.cluster.local\": field endpoints[0].lb_endpoints[1].health_status: endpoint 10.244.4.2:9080 is UNHEALTHY; not used".to_string(),
         ]
     );

