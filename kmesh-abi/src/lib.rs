@@ -248,6 +248,7 @@ pub mod stats {
 }
 
 pub mod authz;
+pub mod waypoint;
 
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
@@ -264,6 +265,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::waypoint::WpTuple {}
 }
 
 #[cfg(test)]

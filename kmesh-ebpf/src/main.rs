@@ -9,12 +9,16 @@
 //! lookup (service), one per-CPU array access (round robin) and one hash
 //! lookup (slot), plus one LRU insert for the original destination. Nothing
 //! here loops, so the cost is flat in the number of services and endpoints.
+//! Dual-engine waypoints add two hash lookups (destination, then address
+//! on any port) before the service lookup, and one LRU insert when steered.
 #![no_std]
 #![no_main]
 
 mod sockops;
 /// Dual-engine L4 authorization (XDP + tail calls).
 mod authz;
+/// Dual-engine waypoint steering (PROXY protocol v2 via sk_msg).
+mod waypoint;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -26,11 +30,12 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use kmesh_abi::{
-    stats, ServiceValue, SlotKey, SockAddr, FAMILY_V4, LB_RANDOM, MAX_ENROLLED_NETNS, MAX_ORIG_DST,
-    MAX_SERVICES, MAX_SLOTS,
+    stats, waypoint::MANAGE_WAYPOINT, ServiceValue, SlotKey, SockAddr, FAMILY_V4, LB_RANDOM,
+    MAX_ENROLLED_NETNS, MAX_ORIG_DST, MAX_SERVICES, MAX_SLOTS,
 };
 
-/// Network namespaces whose sockets kmesh-rs manages (netns cookie → 1).
+/// Network namespaces whose sockets kmesh-rs manages (netns cookie →
+/// `kmesh_abi::waypoint::MANAGE_*` bits).
 #[map]
 static KM_MANAGE: HashMap<u64, u32> = HashMap::with_max_entries(MAX_ENROLLED_NETNS, 0);
 
@@ -96,7 +101,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
     match pick_backend(&ctx, &dst) {
         Decision::Untouched => ALLOW,
         Decision::Refuse => REJECT,
-        Decision::Backend(b) => {
+        Decision::Backend(b, via_waypoint) => {
             if b.family != FAMILY_V4 {
                 count(stats::CONNECT_FAMILY_MISMATCH);
                 return REJECT;
@@ -107,6 +112,9 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
                 write_volatile(addr_of_mut!((*sa).user_port), b.port as u32);
             }
             remember(&ctx, &dst);
+            if via_waypoint {
+                waypoint::steered(&ctx, &dst);
+            }
             ALLOW
         }
     }
@@ -130,7 +138,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     match pick_backend(&ctx, &dst) {
         Decision::Untouched => ALLOW,
         Decision::Refuse => REJECT,
-        Decision::Backend(b) => {
+        Decision::Backend(b, via_waypoint) => {
             // An IPv4 backend is reachable from an IPv6 socket only as
             // IPv4-mapped, which only works when the VIP was IPv4-mapped
             // too (a dual-stack socket); an IPv6 backend never from IPv4.
@@ -144,6 +152,9 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
                 write_volatile(addr_of_mut!((*sa).user_port), b.port as u32);
             }
             remember(&ctx, &dst);
+            if via_waypoint {
+                waypoint::steered(&ctx, &dst);
+            }
             ALLOW
         }
     }
@@ -186,7 +197,9 @@ enum Decision {
     Untouched,
     /// A known service that cannot be served: fail the connect now.
     Refuse,
-    Backend(SockAddr),
+    /// Dial this address instead; `true` when it is (an endpoint of) the
+    /// destination's waypoint.
+    Backend(SockAddr, bool),
 }
 
 #[inline(always)]
@@ -194,15 +207,26 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr) -> Decision {
     count(stats::CONNECT_SEEN);
     // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { KM_MANAGE.get(&netns) }.is_none() {
+    // SAFETY: the value is copied out at once.
+    let Some(manage) = (unsafe { KM_MANAGE.get(&netns) }).copied() else {
         return Decision::Untouched;
-    }
+    };
     count(stats::CONNECT_ENROLLED);
+    // A destination with a waypoint is dialled at the waypoint (a waypoint's
+    // own connects are not: they would loop back to it). The waypoint may
+    // itself be a service, load balanced below.
+    let (target, via_waypoint) = match manage & MANAGE_WAYPOINT {
+        0 => match waypoint::lookup(dst) {
+            Some(w) => (w, true),
+            None => (*dst, false),
+        },
+        _ => (*dst, false),
+    };
     // SAFETY: userspace replaces service values whole with one update; a
     // torn read is impossible for a hash map element (RCU-replaced).
-    let svc = match unsafe { KM_SERVICE.get(dst) } {
+    let svc = match unsafe { KM_SERVICE.get(&target) } {
         Some(s) => *s,
+        None if via_waypoint => return Decision::Backend(target, true),
         None => return Decision::Untouched,
     };
     if svc.slot_count == 0 {
@@ -233,7 +257,7 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr) -> Decision {
     match unsafe { KM_SLOT.get(&key) } {
         Some(b) => {
             count(stats::CONNECT_REDIRECTED);
-            Decision::Backend(*b)
+            Decision::Backend(*b, via_waypoint)
         }
         None => {
             count(stats::CONNECT_NO_ENDPOINT);
