@@ -90,6 +90,12 @@ struct RunArgs {
     #[arg(long = "enroll-netns", value_name = "PATH")]
     enroll_netns: Vec<PathBuf>,
 
+    /// dual-engine: network namespace of a waypoint pod to enroll
+    /// (repeatable). Its connects are routed like any enrolled pod's but
+    /// never steered to a waypoint (that would loop back to it).
+    #[arg(long = "waypoint-netns", value_name = "PATH")]
+    waypoint_netns: Vec<PathBuf>,
+
     /// cgroup v2 directory to attach the programs to [default: the cgroup2
     /// mount point from /proc/mounts].
     #[arg(long, env = "KMESH_CGROUP2_PATH")]
@@ -246,11 +252,6 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<()> {
-    if args.mode == Mode::DualEngine && args.on_exit == OnExit::Keep {
-        // The XDP authorization links are not pinned yet: keeping the
-        // connect programs while authorization goes away would fail open.
-        bail!("--on-exit keep is not supported with --mode dual-engine yet (authorization would stop while no daemon runs); use --on-exit detach");
-    }
     if args.mode == Mode::DualEngine && args.config.is_none() {
         bail!("--mode dual-engine needs --config <file> (a ztunnel-style local config); xDS for the workload API is not implemented in this version");
     }
@@ -322,6 +323,12 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         .map(|p| netns::cookie_of(p).map(|c| (p, c)))
         .collect::<std::io::Result<Vec<_>>>()
         .context("--enroll-netns")?;
+    let waypoint_cookies = args
+        .waypoint_netns
+        .iter()
+        .map(|p| netns::cookie_of(p).map(|c| (p, c)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("--waypoint-netns")?;
 
     if sys::ensure_bpffs(&args.bpf_fs_path)? {
         tracing::info!(path = %args.bpf_fs_path.display(), "mounted bpffs");
@@ -376,7 +383,17 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "(none yet: waiting for the control plane)".into())
     );
-    let static_cookies: BTreeSet<u64> = cookies.iter().map(|(_, c)| *c).collect();
+    // Waypoint namespaces first, with their flag: set_enrolled leaves
+    // existing entries as they are, so they are never steered to themselves.
+    for (path, cookie) in &waypoint_cookies {
+        dp.enroll_waypoint(*cookie)?;
+        tracing::info!(netns = %path.display(), cookie, "enrolled as a waypoint");
+    }
+    let static_cookies: BTreeSet<u64> = cookies
+        .iter()
+        .chain(&waypoint_cookies)
+        .map(|(_, c)| *c)
+        .collect();
     if args.kubernetes {
         // The Kubernetes reconciler owns the full set; until its first
         // reconcile, enrollments inherited from pinned maps stay.
@@ -389,16 +406,26 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     for (path, cookie) in &cookies {
         tracing::info!(netns = %path.display(), cookie, "enrolled");
     }
+    if let Some(de) = &dual {
+        dp.set_waypoints(&de.waypoints)?;
+        if !de.waypoints.is_empty() {
+            tracing::info!(
+                destinations = de.waypoints.len(),
+                "waypoint steering written"
+            );
+        }
+    }
     if let Some(de) = dual {
         let mut authz = kmesh_daemon::authz::Authz::load(dp.ebpf_mut())?;
         authz.write(&de.authz)?;
         let log =
             kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?;
         tokio::spawn(log.run());
-        for (path, _) in &cookies {
-            let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface)?;
+        for (path, _) in cookies.iter().chain(&waypoint_cookies) {
+            let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface, Some(&pins))?;
             tracing::info!(netns = %path.display(), interface = %args.authz_interface, mode, "authorization attached");
         }
+        authz.remove_stale_links(&pins);
         tracing::info!(
             policies = de.authz.policy_names.len(),
             workloads = de.authz.workloads.len(),
