@@ -312,6 +312,37 @@ impl Node {
         self.spawn_server(cmd)
     }
 
+    /// Starts an HTTP server in `pod` on `addrs` that answers every request
+    /// with `name` as the body (`kmesh-testpod http-named`).
+    pub fn serve_http(&mut self, pod: &Pod, name: &str, addrs: &[SocketAddr]) -> io::Result<()> {
+        let mut cmd = self.testpod(&pod.netns_path, Some(&pod.cgroup));
+        cmd.arg("http-named")
+            .arg(name)
+            .args(addrs.iter().map(|a| a.to_string()));
+        self.spawn_server(cmd)
+    }
+
+    /// Makes `count` sequential HTTP GET requests from `pod` to `addr`
+    /// (one connection each), with the extra request header `header`
+    /// (`name: value`); the report counts response bodies as backends.
+    pub fn http_requests(
+        &self,
+        pod: &Pod,
+        addr: SocketAddr,
+        count: usize,
+        header: Option<&str>,
+    ) -> io::Result<ConnectReport> {
+        let out = self
+            .testpod(&pod.netns_path, Some(&pod.cgroup))
+            .arg("get")
+            .arg(addr.to_string())
+            .arg(count.to_string())
+            .args(header)
+            .stderr(Stdio::inherit())
+            .output()?;
+        json_report("get", out)
+    }
+
     /// Starts a server in the node namespace itself on `addrs`, adding
     /// their IPs to the node's loopback: whatever reaches a VIP without
     /// being rewritten by the kernel programs lands here, so a test can

@@ -282,3 +282,98 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The Envoy binary: `KMESH_TEST_ENVOY`, else the one `cargo xtask setup`
+/// installs in `target/venv`.
+pub fn envoy_path() -> PathBuf {
+    let p = std::env::var_os("KMESH_TEST_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/envoy")
+        });
+    assert!(
+        p.exists(),
+        "Envoy not found at {} (hint: `cargo xtask test` installs it; or set KMESH_TEST_ENVOY)",
+        p.display()
+    );
+    p
+}
+
+/// A real Envoy running inside a pod (its network namespace and cgroup),
+/// killed on drop; its config file is removed with it.
+pub struct PodEnvoy {
+    child: Child,
+    config: PathBuf,
+}
+
+impl PodEnvoy {
+    /// Starts Envoy on `config` (a bootstrap YAML) inside `pod`. Its admin
+    /// listens on the pod's loopback.
+    pub fn start(pod: &Pod, config: &str) -> PodEnvoy {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let path = std::env::temp_dir().join(format!(
+            "kmt-envoy-{}-{}.yaml",
+            std::process::id(),
+            pod.netns
+        ));
+        std::fs::write(&path, config).unwrap();
+        let ns = std::fs::File::open(&pod.netns_path).unwrap();
+        let procs = std::ffi::CString::new(
+            pod.cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        let mut cmd = Command::new(envoy_path());
+        cmd.arg("-c")
+            .arg(&path)
+            // Several Envoys may run on one machine: no shared-memory clash.
+            .args(["--log-level", "warn", "--use-dynamic-base-id"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // SAFETY: runs in the forked child before exec and only makes
+        // async-signal-safe calls (setns, open, write, close), with
+        // everything allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process: the child, before exec.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        PodEnvoy {
+            child,
+            config: path,
+        }
+    }
+
+    /// Panics if Envoy has exited.
+    pub fn assert_running(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "Envoy exited (its log is above)"
+        );
+    }
+}
+
+impl Drop for PodEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
