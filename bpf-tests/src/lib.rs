@@ -409,8 +409,22 @@ impl Node {
     /// milliseconds in the background; [`Looping::finish`] collects the
     /// report.
     pub fn start_loop(&self, pod: &Pod, addr: SocketAddr, millis: u64) -> io::Result<Looping> {
+        self.start_loop_timeout(pod, addr, millis, 3_000)
+    }
+
+    /// [`Node::start_loop`] with a connect timeout of `timeout_ms`: a
+    /// dropped SYN fails that fast, so a denied client keeps trying.
+    pub fn start_loop_timeout(
+        &self,
+        pod: &Pod,
+        addr: SocketAddr,
+        millis: u64,
+        timeout_ms: u64,
+    ) -> io::Result<Looping> {
         let child = self
             .testpod(&pod.netns_path, Some(&pod.cgroup))
+            .arg("--timeout-ms")
+            .arg(timeout_ms.to_string())
             .arg("loop")
             .arg(addr.to_string())
             .arg(millis.to_string())
