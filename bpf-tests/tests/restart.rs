@@ -170,8 +170,12 @@ policies:
     ];
     let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
     let mut d1 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &args);
-    let allowed = node.start_loop(&client, vip, 4_000).unwrap();
-    // 100 ms per dropped SYN: the denied client retries all along.
+    // A SYN dropped while no daemon runs would stall an allowed connect
+    // until the retransmit 1 s later: 500 ms makes that an error. 100 ms
+    // per dropped SYN: the denied client retries all along.
+    let allowed = node
+        .start_loop_timeout(&client, vip, 4_000, 500)
+        .unwrap();
     let denied = node
         .start_loop_timeout(&other, srv0.addr4(8080), 4_000, 100)
         .unwrap();
