@@ -14,61 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bpf_tests::{http_get, Node, Pod};
-use common::{Bpffs, Daemon, PodEnvoy, TESTPOD};
+use bpf_tests::{http_get, waypoint_envoy_bootstrap, Node, Pod, PodEnvoy};
+use common::{envoy_path, Bpffs, Daemon, TESTPOD};
 
 /// The waypoint's PROXY-v2 port (Istio's waypoints use 15008 for HBONE;
 /// this one speaks PROXY v2, on the port the config names).
 const WP_PORT: u16 = 15088;
-
-fn envoy_config(canary: SocketAddr) -> String {
-    format!(
-        r#"
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
-static_resources:
-  listeners:
-  - name: waypoint
-    address: {{socket_address: {{address: "::", port_value: {WP_PORT}, ipv4_compat: true}}}}
-    listener_filters:
-    - name: envoy.filters.listener.proxy_protocol
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: waypoint
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/", headers: [{{name: x-canary, string_match: {{exact: "1"}}}}]}}
-                route: {{cluster: canary}}
-              - match: {{prefix: "/"}}
-                route: {{cluster: original}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: canary
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: canary
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}}}
-  - name: original
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 1s
-"#,
-        ip = canary.ip(),
-        port = canary.port()
-    )
-}
 
 fn ips(p: &Pod) -> String {
     format!("[\"{}\", \"{}\"]", p.ip4, p.ip6)
@@ -79,7 +30,7 @@ fn ips(p: &Pod) -> String {
 fn wait_for_listener(node: &Node, from: &Pod, addr: SocketAddr, envoy: &mut PodEnvoy) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        envoy.assert_running();
+        assert!(envoy.running(), "Envoy exited (its log is above)");
         let r = node.http_requests(from, addr, 1, None).unwrap();
         if !r.error_kinds.contains_key("ConnectionRefused") {
             return;
@@ -204,7 +155,12 @@ policies:
             &web1_ns,
         ],
     );
-    let mut envoy = PodEnvoy::start(&wp, &envoy_config(canary.addr4(8080)));
+    let mut envoy = PodEnvoy::start(
+        &envoy_path(),
+        &wp,
+        &waypoint_envoy_bootstrap(WP_PORT, canary.addr4(8080)),
+    )
+    .unwrap();
     wait_for_listener(&node, &client, wp.addr4(WP_PORT), &mut envoy);
     let before = waypoint_stats(daemon.admin);
 
@@ -273,5 +229,5 @@ policies:
         .http_requests(&client, web0.addr4(8080), 1, None)
         .unwrap();
     assert_eq!((r.count("web-0"), r.errors), (0, 1), "{r:?}");
-    envoy.assert_running();
+    assert!(envoy.running(), "Envoy exited (its log is above)");
 }
