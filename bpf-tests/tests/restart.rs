@@ -173,9 +173,7 @@ policies:
     // A SYN dropped while no daemon runs would stall an allowed connect
     // until the retransmit 1 s later: 500 ms makes that an error. 100 ms
     // per dropped SYN: the denied client retries all along.
-    let allowed = node
-        .start_loop_timeout(&client, vip, 4_000, 500)
-        .unwrap();
+    let allowed = node.start_loop_timeout(&client, vip, 4_000, 500).unwrap();
     let denied = node
         .start_loop_timeout(&other, srv0.addr4(8080), 4_000, 100)
         .unwrap();
@@ -186,8 +184,7 @@ policies:
     assert!(!d1.signal(libc::SIGKILL).success());
     std::thread::sleep(Duration::from_millis(700));
     let mut d2 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &args);
-    let (_, body) =
-        bpf_tests::http_get(d2.admin, "/debug/config_dump/bpf/dual-engine").unwrap();
+    let (_, body) = bpf_tests::http_get(d2.admin, "/debug/config_dump/bpf/dual-engine").unwrap();
     assert!(body.contains("\"mode\":\"reused\""), "{body}");
     std::thread::sleep(Duration::from_millis(500));
     assert!(d2.signal(libc::SIGTERM).success());
@@ -195,11 +192,20 @@ policies:
     let d3 = Daemon::start(cfg, &client, &node.cgroup, &bpffs.0, &args);
 
     let a = allowed.finish().unwrap();
-    assert_eq!(a.errors, 0, "allowed connects failed across restarts: {a:?}");
-    assert!(a.count("srv0") > 50, "too few connects to mean anything: {a:?}");
+    assert_eq!(
+        a.errors, 0,
+        "allowed connects failed across restarts: {a:?}"
+    );
+    assert!(
+        a.count("srv0") > 50,
+        "too few connects to mean anything: {a:?}"
+    );
     let d = denied.finish().unwrap();
     assert_eq!(d.count("srv0"), 0, "a denied connect got through: {d:?}");
-    assert!(d.errors > 10, "too few denied attempts to mean anything: {d:?}");
+    assert!(
+        d.errors > 10,
+        "too few denied attempts to mean anything: {d:?}"
+    );
     // One generation of links: the cgroup links and one XDP link per pod.
     let links = std::fs::read_dir(bpffs.0.join("kmesh/links"))
         .unwrap()
@@ -218,5 +224,9 @@ policies:
     let r = node
         .connect_timeout(&other, srv0.addr4(8080), 1, 1_000)
         .unwrap();
-    assert_eq!(r.count("srv0"), 1, "XDP still attached after uninstall: {r:?}");
+    assert_eq!(
+        r.count("srv0"),
+        1,
+        "XDP still attached after uninstall: {r:?}"
+    );
 }

@@ -183,7 +183,11 @@ policies:
     let r = node
         .http_requests(&client, db.addr4(8080), 5, None)
         .unwrap();
-    assert_eq!((r.count("db"), r.errors, r.peer_mismatch), (5, 0, 0), "{r:?}");
+    assert_eq!(
+        (r.count("db"), r.errors, r.peer_mismatch),
+        (5, 0, 0),
+        "{r:?}"
+    );
     let r = node
         .http_requests(&client, db.addr4(8080), 5, Some("x-canary: 1"))
         .unwrap();

@@ -257,7 +257,9 @@ impl Authz {
                     break;
                 }
                 // A link whose interface went away is defunct: attach anew.
-                Err(e) => tracing::info!(link = %old.display(), "pinned XDP link not reusable: {e}"),
+                Err(e) => {
+                    tracing::info!(link = %old.display(), "pinned XDP link not reusable: {e}")
+                }
             }
         }
         let (id, mode) = match reused {
@@ -322,7 +324,11 @@ impl Authz {
         let links_dir = pin_dir.join("links");
         let pid = format!("@{}", std::process::id());
         for p in pinned_with_prefix(&links_dir, &format!("{ENTRY}-")) {
-            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             if !name.ends_with(&pid) {
                 tracing::info!(link = %p.display(), "removing the XDP link of an interface no longer enrolled");
                 let _ = std::fs::remove_file(&p);

@@ -63,9 +63,8 @@ pub fn run() -> anyhow::Result<()> {
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting kmesh-daemon")?;
-    let result = drive(&node, &client, &intruder, &srv0, &mut daemon).and_then(|()| {
-        drive_waypoint(&node, &client, &waypoint, &v2, &envoy_bin)
-    });
+    let result = drive(&node, &client, &intruder, &srv0, &mut daemon)
+        .and_then(|()| drive_waypoint(&node, &client, &waypoint, &v2, &envoy_bin));
     if daemon.try_wait()?.is_none() {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
@@ -201,8 +200,8 @@ fn drive_waypoint(
             r.errors
         );
     }
-    let (_, body) = http_get(ADMIN.parse()?, "/debug/config_dump/bpf/kernel-native")
-        .context("kernel dump")?;
+    let (_, body) =
+        http_get(ADMIN.parse()?, "/debug/config_dump/bpf/kernel-native").context("kernel dump")?;
     let dump: serde_json::Value = serde_json::from_str(&body)?;
     eprintln!(
         "\n    waypoint counters (KM_WP_STATS): {}",
