@@ -7,6 +7,21 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use common::{one_service, workspace_bin, Bpffs, Daemon, TESTPOD};
 
+/// `kmesh-daemon uninstall` on the test's pin directory.
+fn uninstall(bpffs: &Bpffs) {
+    let out = std::process::Command::new(workspace_bin("kmesh-daemon"))
+        .arg("uninstall")
+        .arg("--bpf-fs-path")
+        .arg(&bpffs.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn mesh_config(endpoints: Vec<(SocketAddr, u32)>) -> String {
     one_service("10.96.0.10:80".parse().unwrap(), "ROUND_ROBIN", endpoints)
 }
@@ -63,17 +78,7 @@ fn kill_9_restart_and_upgrade_lose_no_connect() {
     drop(d3);
 
     // With every daemon gone, uninstall removes programs and pins.
-    let out = std::process::Command::new(workspace_bin("kmesh-daemon"))
-        .arg("uninstall")
-        .arg("--bpf-fs-path")
-        .arg(&bpffs.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    uninstall(&bpffs);
     assert!(!bpffs.0.join("kmesh").exists());
     let r = node.connect(&client, vip, 3).unwrap();
     assert_eq!(
@@ -213,13 +218,7 @@ policies:
     assert_eq!(links, kmesh_daemon::dataplane::CGROUP_LINKS + 3);
     drop(d3);
 
-    let out = std::process::Command::new(workspace_bin("kmesh-daemon"))
-        .arg("uninstall")
-        .arg("--bpf-fs-path")
-        .arg(&bpffs.0)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    uninstall(&bpffs);
     // With the XDP links gone, nothing is denied any more.
     let r = node
         .connect_timeout(&other, srv0.addr4(8080), 1, 1_000)

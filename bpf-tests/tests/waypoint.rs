@@ -172,8 +172,9 @@ policies:
     let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
     let r = node.http_requests(&client, vip, 20, None).unwrap();
     assert_eq!((r.errors, r.peer_mismatch), (0, 0), "{r:?}");
+    // (Envoy keeps its upstream connection to the VIP alive, so one
+    // endpoint may answer them all.)
     assert_eq!(r.count("web-0") + r.count("web-1"), 20, "{r:?}");
-    assert!(r.count("web-0") > 0 && r.count("web-1") > 0, "{r:?}");
     let r = node
         .http_requests(&client, vip, 10, Some("x-canary: 1"))
         .unwrap();

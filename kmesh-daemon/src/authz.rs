@@ -375,15 +375,7 @@ impl Authz {
 
     /// Decision counters summed over CPUs.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for (i, name) in STAT_NAMES.iter().enumerate() {
-            let v = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(map_io("KM_AZ_STATS"))?;
-            out.insert(*name, v.iter().sum());
-        }
-        Ok(out)
+        crate::dataplane::counters(&self.stats, "KM_AZ_STATS", &STAT_NAMES)
     }
 
     /// Per-policy decision counts (`namespace/name` → connections decided).

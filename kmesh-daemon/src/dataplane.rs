@@ -230,6 +230,20 @@ pub(crate) fn map_io(map: &'static str) -> impl Fn(aya::maps::MapError) -> Datap
     }
 }
 
+/// Per-CPU counters of `map` (index = position in `names`) summed over CPUs.
+pub(crate) fn counters(
+    map: &PerCpuArray<MapData, u64>,
+    map_name: &'static str,
+    names: &[&'static str],
+) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
+    let mut out = BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let v = map.get(&(i as u32), 0).map_err(map_io(map_name))?;
+        out.insert(*name, v.iter().sum());
+    }
+    Ok(out)
+}
+
 /// Takes map `name` out of the loaded object as a typed map.
 pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
@@ -604,18 +618,7 @@ impl Dataplane {
 
     /// Kernel counters summed over CPUs.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for (i, name) in STAT_NAMES.iter().enumerate() {
-            let v = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|e| DataplaneError::MapIo {
-                    map: "KM_STATS",
-                    detail: e.to_string(),
-                })?;
-            out.insert(*name, v.iter().sum());
-        }
-        Ok(out)
+        counters(&self.stats, "KM_STATS", &STAT_NAMES)
     }
 
     /// Every service entry with its slots, as the kernel holds them: one
@@ -682,15 +685,7 @@ impl Dataplane {
 
     /// Waypoint counters summed over CPUs.
     pub fn waypoint_stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for (i, name) in WAYPOINT_STAT_NAMES.iter().enumerate() {
-            let v = self
-                .wp_stats
-                .get(&(i as u32), 0)
-                .map_err(map_io("KM_WP_STATS"))?;
-            out.insert(*name, v.iter().sum());
-        }
-        Ok(out)
+        counters(&self.wp_stats, "KM_WP_STATS", &WAYPOINT_STAT_NAMES)
     }
 
     /// Kernel ids of the loaded programs, by name (for bpftool and bpf_stats).
