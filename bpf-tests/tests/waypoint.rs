@@ -139,7 +139,7 @@ policies:
     let path = bpffs.write_config(&cfg);
     let ns = |p: &Pod| p.netns_path.display().to_string();
     let (wp_ns, web0_ns, web1_ns) = (ns(&wp), ns(&web0), ns(&web1));
-    let daemon = Daemon::start(
+    let mut daemon = Daemon::start(
         path,
         &client,
         &node.cgroup,
@@ -235,4 +235,22 @@ policies:
         .unwrap();
     assert_eq!((r.count("web-0"), r.errors), (0, 1), "{r:?}");
     assert!(envoy.running(), "Envoy exited (its log is above)");
+
+    // SIGTERM with --on-exit detach: pins removed, XDP links gone (the
+    // kernel releases them from a workqueue, so allow it a moment).
+    assert!(daemon.signal(libc::SIGTERM).success());
+    assert!(!bpffs.0.join("kmesh").exists());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = node
+            .http_requests(&client, web0.addr4(8080), 1, None)
+            .unwrap();
+        if r.count("web-0") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "authorization still attached after detach: {r:?}"
+        );
+    }
 }

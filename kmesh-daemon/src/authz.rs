@@ -52,8 +52,14 @@ pub const EVAL: &str = "kmesh_authz_eval";
 
 /// Authorization maps pinned with the dataplane's maps (all but the event
 /// ring): the tables and the tail-call array must outlive the daemon for
-/// pinned XDP links to keep deciding.
-pub const PINNED_MAPS: [&str; 9] = [
+/// pinned XDP links to keep deciding, and every generation must share
+/// them. That includes the per-CPU scratch state `KM_AZ_STATE`: between a
+/// new daemon pointing `KM_AZ_PROGS` at its evaluation program and swapping
+/// its entry program into the links, the old entry tail-calls the new
+/// evaluation; with a scratch map of its own, the new one would read an
+/// empty state, find no chain, and allow (seen here as denied connects
+/// getting through during restarts).
+pub const PINNED_MAPS: [&str; 10] = [
     "KM_AZ_WORKLOAD",
     "KM_AZ_IDENTITY",
     "KM_AZ_SLOT",
@@ -63,6 +69,7 @@ pub const PINNED_MAPS: [&str; 9] = [
     "KM_AZ_STATS",
     "KM_AZ_POLICY_STATS",
     "KM_AZ_PROGS",
+    "KM_AZ_STATE",
 ];
 
 /// Names of the decision counters, by index.

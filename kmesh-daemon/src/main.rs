@@ -246,8 +246,39 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
         println!("nothing to remove: {} does not exist", dir.display());
         return Ok(());
     }
+    // The kernel releases a link whose last reference went away from a
+    // workqueue, a little after the unlink (later still when cgroup_mutex
+    // is contended): note the links' programs first and wait until they
+    // are unloaded — a program is put only after its link detached it —
+    // so that nothing is attached any more when this returns.
+    let progs: Vec<u32> = std::fs::read_dir(dir.join("links"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| aya::programs::links::PinnedLink::from_pin(e.path()).ok())
+                .filter_map(|p| aya::programs::links::FdLink::from(p).info().ok())
+                .map(|i| i.program_id())
+                .collect()
+        })
+        .unwrap_or_default();
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    println!("removed {}", dir.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while aya::programs::loaded_programs()
+        .flatten()
+        .any(|p| progs.contains(&p.id()))
+    {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "removed {} but some of its programs are still loaded after 10 s",
+                dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    println!(
+        "removed {} ({} attached programs unloaded)",
+        dir.display(),
+        progs.len()
+    );
     Ok(())
 }
 
