@@ -312,6 +312,37 @@ impl Node {
         self.spawn_server(cmd)
     }
 
+    /// Starts an HTTP server in `pod` on `addrs` that answers every request
+    /// with `name` as the body (`kmesh-testpod http-named`).
+    pub fn serve_http(&mut self, pod: &Pod, name: &str, addrs: &[SocketAddr]) -> io::Result<()> {
+        let mut cmd = self.testpod(&pod.netns_path, Some(&pod.cgroup));
+        cmd.arg("http-named")
+            .arg(name)
+            .args(addrs.iter().map(|a| a.to_string()));
+        self.spawn_server(cmd)
+    }
+
+    /// Makes `count` sequential HTTP GET requests from `pod` to `addr`
+    /// (one connection each), with the extra request header `header`
+    /// (`name: value`); the report counts response bodies as backends.
+    pub fn http_requests(
+        &self,
+        pod: &Pod,
+        addr: SocketAddr,
+        count: usize,
+        header: Option<&str>,
+    ) -> io::Result<ConnectReport> {
+        let out = self
+            .testpod(&pod.netns_path, Some(&pod.cgroup))
+            .arg("get")
+            .arg(addr.to_string())
+            .arg(count.to_string())
+            .args(header)
+            .stderr(Stdio::inherit())
+            .output()?;
+        json_report("get", out)
+    }
+
     /// Starts a server in the node namespace itself on `addrs`, adding
     /// their IPs to the node's loopback: whatever reaches a VIP without
     /// being rewritten by the kernel programs lands here, so a test can
@@ -378,8 +409,22 @@ impl Node {
     /// milliseconds in the background; [`Looping::finish`] collects the
     /// report.
     pub fn start_loop(&self, pod: &Pod, addr: SocketAddr, millis: u64) -> io::Result<Looping> {
+        self.start_loop_timeout(pod, addr, millis, 3_000)
+    }
+
+    /// [`Node::start_loop`] with a connect timeout of `timeout_ms`: a
+    /// dropped SYN fails that fast, so a denied client keeps trying.
+    pub fn start_loop_timeout(
+        &self,
+        pod: &Pod,
+        addr: SocketAddr,
+        millis: u64,
+        timeout_ms: u64,
+    ) -> io::Result<Looping> {
         let child = self
             .testpod(&pod.netns_path, Some(&pod.cgroup))
+            .arg("--timeout-ms")
+            .arg(timeout_ms.to_string())
             .arg("loop")
             .arg(addr.to_string())
             .arg(millis.to_string())
@@ -537,4 +582,136 @@ fn json_report<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_slice(&out.stdout)
         .map_err(|e| io::Error::other(format!("bad testpod {what} output: {e}")))
+}
+
+/// A real Envoy running inside a pod (its network namespace and cgroup),
+/// killed on drop; its config file is removed with it.
+pub struct PodEnvoy {
+    child: Child,
+    config: PathBuf,
+}
+
+impl PodEnvoy {
+    /// Starts the Envoy binary `envoy` on `config` (a bootstrap YAML)
+    /// inside `pod`. Its admin listens on the pod's loopback.
+    pub fn start(envoy: &Path, pod: &Pod, config: &str) -> io::Result<PodEnvoy> {
+        use std::os::{fd::AsRawFd, unix::process::CommandExt};
+        let path = std::env::temp_dir().join(format!(
+            "kmt-envoy-{}-{}.yaml",
+            std::process::id(),
+            pod.netns
+        ));
+        std::fs::write(&path, config)?;
+        let ns = std::fs::File::open(&pod.netns_path)?;
+        let procs = std::ffi::CString::new(
+            pod.cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .map_err(io::Error::other)?;
+        let mut cmd = Command::new(envoy);
+        cmd.arg("-c")
+            .arg(&path)
+            // Several Envoys may run on one machine: no shared-memory clash.
+            .args(["--log-level", "warn", "--use-dynamic-base-id"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // SAFETY: runs in the forked child before exec and only makes
+        // async-signal-safe calls (setns, open, write, close), with
+        // everything allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" moves the writing process: the child, before exec.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = cmd.spawn()?;
+        Ok(PodEnvoy {
+            child,
+            config: path,
+        })
+    }
+
+    /// True while Envoy runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for PodEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// An Envoy bootstrap for a waypoint: one listener on `[::]:port` (IPv4
+/// too) that reads the PROXY protocol v2 header
+/// (`envoy.filters.listener.proxy_protocol`), then routes HTTP requests
+/// with `x-canary: 1` to the static cluster `canary` (one endpoint,
+/// `canary`) and all others to the ORIGINAL_DST cluster `original`: the
+/// destination the header carried. Admin on 127.0.0.1, port chosen by
+/// the kernel.
+pub fn waypoint_envoy_bootstrap(port: u16, canary: SocketAddr) -> String {
+    format!(
+        r#"
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
+static_resources:
+  listeners:
+  - name: waypoint
+    address: {{socket_address: {{address: "::", port_value: {port}, ipv4_compat: true}}}}
+    listener_filters:
+    - name: envoy.filters.listener.proxy_protocol
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: waypoint
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/", headers: [{{name: x-canary, string_match: {{exact: "1"}}}}]}}
+                route: {{cluster: canary}}
+              - match: {{prefix: "/"}}
+                route: {{cluster: original}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: canary
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: canary
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {cport}}}}}}}
+  - name: original
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 1s
+"#,
+        ip = canary.ip(),
+        cport = canary.port()
+    )
 }

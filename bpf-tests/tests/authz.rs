@@ -47,7 +47,7 @@ fn env() -> Env {
     let mut authz = Authz::load(dp.ebpf_mut()).expect("load authz programs");
     for p in [&d, &e] {
         let mode = authz
-            .attach(dp.ebpf_mut(), &p.netns_path, "eth0")
+            .attach(dp.ebpf_mut(), &p.netns_path, "eth0", None)
             .expect("attach xdp");
         eprintln!("xdp on {}/eth0: {mode}", p.name);
     }

@@ -323,6 +323,7 @@ pub mod stats {
 }
 
 pub mod authz;
+pub mod waypoint;
 
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
@@ -341,6 +342,8 @@ mod pod {
     unsafe impl aya::Pod for super::ConnState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::waypoint::WpTuple {}
 }
 
 #[cfg(test)]

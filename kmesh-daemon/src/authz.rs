@@ -4,20 +4,38 @@
 //! attaches the entry program to a workload's interface inside its network
 //! namespace (where packets to the pod arrive).
 //!
+//! With a pin directory the tables are pinned maps shared by every daemon
+//! generation, and each attachment is a pinned XDP link
+//! (`links/kmesh_authz-<netns inode>-<ifname>@<pid>`). A restarted daemon
+//! swaps its own entry program into the existing link (`bpf_link_update`,
+//! atomic: a packet sees the old or the new program, never none) and points
+//! the pinned tail-call array at its evaluation program; both read the same
+//! tables. So authorization never stops across a restart, `kill -9`
+//! included: there is no fail-open window.
+//!
 //! Writes replace the tables: new entries first, then stale ones removed.
 //! Chain ids are reused across writes, so a connection arriving during a
 //! rewrite may see a mix of two configs' slots; the daemon writes the local
 //! config once at start (live policy updates with make-before-break chains
 //! are future work, with the delta ADS client).
 
-use std::{collections::BTreeMap, fs::File, os::fd::AsRawFd, path::Path};
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap, MapData, PerCpuArray, ProgramArray,
     },
-    programs::{Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
     Ebpf,
 };
 use kmesh_abi::authz::{
@@ -31,6 +49,28 @@ use crate::dataplane::{map_io, program, take};
 /// Entry and evaluation programs.
 pub const ENTRY: &str = "kmesh_authz";
 pub const EVAL: &str = "kmesh_authz_eval";
+
+/// Authorization maps pinned with the dataplane's maps (all but the event
+/// ring): the tables and the tail-call array must outlive the daemon for
+/// pinned XDP links to keep deciding, and every generation must share
+/// them. That includes the per-CPU scratch state `KM_AZ_STATE`: between a
+/// new daemon pointing `KM_AZ_PROGS` at its evaluation program and swapping
+/// its entry program into the links, the old entry tail-calls the new
+/// evaluation; with a scratch map of its own, the new one would read an
+/// empty state, find no chain, and allow (seen here as denied connects
+/// getting through during restarts).
+pub const PINNED_MAPS: [&str; 10] = [
+    "KM_AZ_WORKLOAD",
+    "KM_AZ_IDENTITY",
+    "KM_AZ_SLOT",
+    "KM_AZ_MATCH",
+    "KM_AZ_VALUE",
+    "KM_AZ_CIDR",
+    "KM_AZ_STATS",
+    "KM_AZ_POLICY_STATS",
+    "KM_AZ_PROGS",
+    "KM_AZ_STATE",
+];
 
 /// Names of the decision counters, by index.
 pub const STAT_NAMES: [&str; stats::COUNT as usize] = [
@@ -72,12 +112,14 @@ pub struct Authz {
     policy_stats: PerCpuArray<MapData, u64>,
     _progs: ProgramArray<MapData>,
     policy_names: Vec<String>,
-    /// (netns path, interface) the entry program is attached to.
+    /// (netns path, interface, mode) the entry program is attached to.
     attached: Vec<(String, String, &'static str)>,
+    /// Our pinned XDP links; dropping them closes our fds, the pins stay.
+    links: Vec<PinnedLink>,
 }
 
 /// Writes `want` into a hash map and removes every other key.
-fn sync_hash<K, V>(
+pub(crate) fn sync_hash<K, V>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
     want: &BTreeMap<K, V>,
@@ -123,6 +165,7 @@ impl Authz {
             _progs: progs,
             policy_names: Vec::new(),
             attached: Vec::new(),
+            links: Vec::new(),
         })
     }
 
@@ -170,53 +213,134 @@ impl Authz {
 
     /// Attaches the entry program to `ifname` inside the network namespace
     /// at `netns`. Native XDP first; generic (SKB) mode when the driver
-    /// refuses. Returns the mode used. The attachment lives as long as this
-    /// `Authz`'s programs (the link fd is held by the loaded program).
+    /// refuses. Returns the mode used (`reused` when an earlier daemon's
+    /// pinned link was taken over).
+    ///
+    /// With `pin_dir`, the link is pinned as
+    /// `links/kmesh_authz-<netns inode>-<ifname>@<pid>` and outlives the
+    /// daemon; a link an earlier daemon pinned for the same interface gets
+    /// this daemon's program swapped in atomically instead of a new attach
+    /// (an interface takes one XDP link). Without, the attachment lives as
+    /// long as the loaded program.
     pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
         netns: &Path,
         ifname: &str,
+        pin_dir: Option<&Path>,
     ) -> Result<&'static str, AttachError> {
+        let attach_err = |detail: String| AttachError::Attach {
+            netns: netns.display().to_string(),
+            interface: ifname.to_string(),
+            detail,
+        };
         let ns = File::open(netns).map_err(|source| AttachError::Netns {
             netns: netns.display().to_string(),
             source,
         })?;
+        let ino = ns
+            .metadata()
+            .map_err(|source| AttachError::Netns {
+                netns: netns.display().to_string(),
+                source,
+            })?
+            .ino();
         let prog = program::<Xdp>(ebpf, ENTRY)?;
-        let ifname_owned = ifname.to_string();
-        // bpf_link_create resolves the ifindex in the calling thread's
-        // network namespace: attach from a short-lived thread inside it,
-        // so the daemon's own namespace never changes.
-        let result = std::thread::scope(|s| {
-            s.spawn(move || -> Result<&'static str, String> {
-                // SAFETY: `ns` is an open namespace fd; setns changes only
-                // this thread, which ends right after.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(format!(
-                        "setns into {}: {}",
-                        netns.display(),
-                        std::io::Error::last_os_error()
-                    ));
+        let pin_name = format!("{ENTRY}-{ino}-{ifname}");
+        let links_dir = pin_dir.map(|d| d.join("links"));
+        let earlier = links_dir
+            .as_deref()
+            .map(|d| pinned_with_prefix(d, &format!("{pin_name}@")))
+            .unwrap_or_default();
+        let mut reused = None;
+        for old in &earlier {
+            let swapped = PinnedLink::from_pin(old)
+                .map_err(|e| e.to_string())
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+            match swapped {
+                Ok(id) => {
+                    reused = Some(id);
+                    break;
                 }
-                match prog.attach(&ifname_owned, XdpMode::Driver) {
-                    Ok(_) => Ok("native"),
-                    Err(native) => match prog.attach(&ifname_owned, XdpMode::Skb) {
-                        Ok(_) => Ok("generic"),
-                        Err(e) => Err(format!("native: {native}; generic: {e}")),
-                    },
+                // A link whose interface went away is defunct: attach anew.
+                Err(e) => {
+                    tracing::info!(link = %old.display(), "pinned XDP link not reusable: {e}")
                 }
-            })
-            .join()
-            .unwrap_or_else(|_| Err("attach thread panicked".into()))
-        });
-        let mode = result.map_err(|detail| AttachError::Attach {
-            netns: netns.display().to_string(),
-            interface: ifname.to_string(),
-            detail,
-        })?;
+            }
+        }
+        let (id, mode) = match reused {
+            Some(id) => (id, "reused"),
+            None => {
+                let ifname_owned = ifname.to_string();
+                let p: &mut Xdp = &mut *prog;
+                // bpf_link_create resolves the ifindex in the calling thread's
+                // network namespace: attach from a short-lived thread inside
+                // it, so the daemon's own namespace never changes.
+                std::thread::scope(|s| {
+                    s.spawn(move || -> Result<_, String> {
+                        // SAFETY: `ns` is an open namespace fd; setns changes
+                        // only this thread, which ends right after.
+                        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                            return Err(format!(
+                                "setns into {}: {}",
+                                netns.display(),
+                                std::io::Error::last_os_error()
+                            ));
+                        }
+                        match p.attach(&ifname_owned, XdpMode::Driver) {
+                            Ok(id) => Ok((id, "native")),
+                            Err(native) => match p.attach(&ifname_owned, XdpMode::Skb) {
+                                Ok(id) => Ok((id, "generic")),
+                                Err(e) => Err(format!("native: {native}; generic: {e}")),
+                            },
+                        }
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err("attach thread panicked".into()))
+                })
+                .map_err(attach_err)?
+            }
+        };
+        if let Some(links_dir) = links_dir {
+            let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            let link = FdLink::try_from(link).map_err(|e| {
+                attach_err(format!(
+                    "{e}: attached without bpf_link (netlink), which cannot be pinned"
+                ))
+            })?;
+            let path = links_dir.join(format!("{pin_name}@{}", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            self.links.push(
+                link.pin(&path)
+                    .map_err(|e| attach_err(format!("pinning {}: {e}", path.display())))?,
+            );
+            for old in earlier.iter().filter(|p| **p != path) {
+                let _ = std::fs::remove_file(old);
+            }
+        }
         self.attached
             .push((netns.display().to_string(), ifname.to_string(), mode));
         Ok(mode)
+    }
+
+    /// Removes pinned XDP links of interfaces this daemon did not attach
+    /// to (pods no longer enrolled); each detaches as its pin goes.
+    /// Call after every attach of this daemon (its links end in `@<pid>`).
+    pub fn remove_stale_links(&self, pin_dir: &Path) {
+        let links_dir = pin_dir.join("links");
+        let pid = format!("@{}", std::process::id());
+        for p in pinned_with_prefix(&links_dir, &format!("{ENTRY}-")) {
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if !name.ends_with(&pid) {
+                tracing::info!(link = %p.display(), "removing the XDP link of an interface no longer enrolled");
+                let _ = std::fs::remove_file(&p);
+            }
+        }
     }
 
     /// Runs the entry program (and its tail calls) on `packet` with
@@ -258,15 +382,7 @@ impl Authz {
 
     /// Decision counters summed over CPUs.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for (i, name) in STAT_NAMES.iter().enumerate() {
-            let v = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(map_io("KM_AZ_STATS"))?;
-            out.insert(*name, v.iter().sum());
-        }
-        Ok(out)
+        crate::dataplane::counters(&self.stats, "KM_AZ_STATS", &STAT_NAMES)
     }
 
     /// Per-policy decision counts (`namespace/name` → connections decided).
@@ -314,6 +430,18 @@ impl Authz {
             "policy_decisions": self.policy_stats()?,
         }))
     }
+}
+
+/// Entries of `dir` whose name starts with `prefix`.
+fn pinned_with_prefix(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn ip_of(ip: &AzIp) -> std::net::IpAddr {

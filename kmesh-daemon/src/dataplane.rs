@@ -9,6 +9,8 @@
 //! ```text
 //! <pin_dir>/KM_ABI, KM_MANAGE, KM_SERVICE, …   maps (KM_ABI[0] = ABI version)
 //! <pin_dir>/links/<program>@<pid>             one cgroup link per program
+//! <pin_dir>/links/kmesh_authz-<netns inode>-<ifname>@<pid>
+//!                                             one XDP link per pod interface
 //! ```
 //!
 //! so the kernel keeps routing when the daemon dies. A new daemon reuses
@@ -31,14 +33,15 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData, PerCpuArray, ProgramArray},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use kmesh_abi::{
-    stage, stats, ServiceValue, SlotKey, SockAddr, ABI_VERSION, LB_LEAST_REQUEST, LB_MAGLEV,
-    LB_RANDOM,
+    stage, stats,
+    waypoint::{self, MANAGE_ENROLLED},
+    ServiceValue, SlotKey, SockAddr, ABI_VERSION, LB_LEAST_REQUEST, LB_MAGLEV, LB_RANDOM,
 };
-use xds_adapter::FlatConfig;
+use xds_adapter::{workload::WaypointTable, FlatConfig};
 
 use crate::writer::{
     ApplyError, ApplySummary, DesiredService, MapOpError, ServiceMaps, ServiceTable,
@@ -100,6 +103,23 @@ pub const SOCKOPS_PROGRAM: &str = "kmesh_sockops";
 /// Gives back the connection counts of a steered socket when it is
 /// released (see `kmesh-ebpf/src/main.rs`).
 pub const SOCK_RELEASE_PROGRAM: &str = "kmesh_sock_release";
+/// The `sk_msg` program that sends the PROXY v2 header to waypoints
+/// (see `kmesh-ebpf/src/waypoint.rs`), attached to the `KM_WP_SOCKS` sockhash.
+pub const WAYPOINT_PROGRAM: &str = "kmesh_waypoint_msg";
+
+/// Waypoint maps, pinned so that steering survives a daemon restart.
+/// (`KM_WP_SOCKS` is not: each daemon's sockops and sk_msg programs use
+/// their own sockhash, and a socket stays in the one it joined.)
+pub const WAYPOINT_MAPS: [&str; 4] = ["KM_WAYPOINT", "KM_WP_CONN", "KM_WP_PENDING", "KM_WP_STATS"];
+
+/// Names of the `KM_WP_STATS` counters, by index.
+pub const WAYPOINT_STAT_NAMES: [&str; waypoint::stats::COUNT as usize] = [
+    "steered",
+    "sockhash_added",
+    "sockhash_failed",
+    "header_sent",
+    "header_failed",
+];
 
 /// Programs attached to the cgroup, one pinned link each: the connect and
 /// getpeername programs, sockops and sock_release.
@@ -189,6 +209,8 @@ pub enum PinnedState {
 pub struct Dataplane {
     ebpf: Ebpf,
     manage: HashMap<MapData, u64, u32>,
+    waypoints: HashMap<MapData, SockAddr, SockAddr>,
+    wp_stats: PerCpuArray<MapData, u64>,
     maps: KernelMaps,
     stats: PerCpuArray<MapData, u64>,
     /// The connect pipeline's program arrays (kept: dropping the last
@@ -267,6 +289,20 @@ pub(crate) fn map_io(map: &'static str) -> impl Fn(aya::maps::MapError) -> Datap
     }
 }
 
+/// Per-CPU counters of `map` (index = position in `names`) summed over CPUs.
+pub(crate) fn counters(
+    map: &PerCpuArray<MapData, u64>,
+    map_name: &'static str,
+    names: &[&'static str],
+) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
+    let mut out = BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let v = map.get(&(i as u32), 0).map_err(map_io(map_name))?;
+        out.insert(*name, v.iter().sum());
+    }
+    Ok(out)
+}
+
 /// Takes map `name` out of the loaded object as a typed map.
 pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
@@ -327,6 +363,9 @@ pub struct KernelDump {
     pub services: Vec<KernelService>,
     pub enrolled_netns: Vec<u64>,
     pub stats: BTreeMap<&'static str, u64>,
+    /// Destination → waypoint (a destination with port 0: any port).
+    pub waypoints: Vec<(SocketAddr, SocketAddr)>,
+    pub waypoint_stats: BTreeMap<&'static str, u64>,
 }
 
 /// Names of the `KM_STATS` counters, by index.
@@ -361,7 +400,13 @@ impl Dataplane {
                 None => {}
             }
             std::fs::create_dir_all(dir.join("links")).map_err(|e| pin_err(dir, e))?;
-            for name in MAPS.into_iter().chain(TELEMETRY_MAPS).chain(["KM_EVENTS"]) {
+            for name in MAPS
+                .into_iter()
+                .chain(TELEMETRY_MAPS)
+                .chain(WAYPOINT_MAPS)
+                .chain(crate::authz::PINNED_MAPS)
+                .chain(["KM_EVENTS"])
+            {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
@@ -390,6 +435,20 @@ impl Dataplane {
                 program: SOCKOPS_PROGRAM,
                 source,
             })?;
+        // The sk_msg program is attached to its sockhash at load: the map is
+        // this daemon's own, and no socket joins it before sockops runs.
+        let socks: aya::maps::SockHash<MapData, u64> = take(&mut ebpf, "KM_WP_SOCKS")?;
+        let msg = program::<SkMsg>(&mut ebpf, WAYPOINT_PROGRAM)?;
+        let prog_err = |source| DataplaneError::Program {
+            program: WAYPOINT_PROGRAM,
+            source,
+        };
+        msg.load().map_err(prog_err)?;
+        let id = msg.attach(socks.fd()).map_err(prog_err)?;
+        // The attachment (prog_attach, not a link) lasts as long as the map,
+        // which the sockops program holds: dropping aya's handle would
+        // detach it even when the daemon leaves its programs running.
+        std::mem::forget(msg.take_link(id).map_err(prog_err)?);
         let mut abi: aya::maps::Array<MapData, u32> = take(&mut ebpf, "KM_ABI")?;
         abi.set(0, ABI_VERSION, 0)
             .map_err(|e| DataplaneError::MapIo {
@@ -398,6 +457,8 @@ impl Dataplane {
             })?;
         let mut dp = Dataplane {
             manage: take(&mut ebpf, "KM_MANAGE")?,
+            waypoints: take(&mut ebpf, "KM_WAYPOINT")?,
+            wp_stats: take(&mut ebpf, "KM_WP_STATS")?,
             maps: KernelMaps {
                 service: take(&mut ebpf, "KM_SERVICE")?,
                 slot: take(&mut ebpf, "KM_SLOT")?,
@@ -585,10 +646,29 @@ impl Dataplane {
         for c in have.iter().filter(|c| !want.contains(c)) {
             self.unenroll(*c)?;
         }
-        for c in want {
+        // Namespaces already enrolled keep their entry (and its flags).
+        for c in want.iter().filter(|c| !have.contains(c)) {
             self.enroll(*c)?;
         }
         Ok(())
+    }
+
+    /// Enrolls a network namespace that runs a waypoint: its connects are
+    /// routed like any enrolled pod's, but never steered to a waypoint
+    /// (which would loop back to it).
+    pub fn enroll_waypoint(&mut self, netns_cookie: u64) -> Result<(), DataplaneError> {
+        self.enroll_with(netns_cookie, MANAGE_ENROLLED | waypoint::MANAGE_WAYPOINT)
+    }
+
+    /// Makes the destination → waypoint table exactly `table`: new and
+    /// changed entries first, stale ones after. Each entry is one atomic
+    /// update, so a connect sees either the old or the new waypoint.
+    pub fn set_waypoints(&mut self, table: &WaypointTable) -> Result<(), DataplaneError> {
+        let want: BTreeMap<SockAddr, SockAddr> = table
+            .iter()
+            .map(|(d, w)| (xds_adapter::addr::to_abi(*d), xds_adapter::addr::to_abi(*w)))
+            .collect();
+        crate::authz::sync_hash(&mut self.waypoints, "KM_WAYPOINT", &want)
     }
 
     /// Makes the services at `vips` what `cfg` says, leaving all others
@@ -619,8 +699,12 @@ impl Dataplane {
 
     /// Puts a network namespace (by cookie) under management.
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), DataplaneError> {
+        self.enroll_with(netns_cookie, MANAGE_ENROLLED)
+    }
+
+    fn enroll_with(&mut self, netns_cookie: u64, bits: u32) -> Result<(), DataplaneError> {
         self.manage
-            .insert(netns_cookie, 1, 0)
+            .insert(netns_cookie, bits, 0)
             .map_err(|e| DataplaneError::MapIo {
                 map: "KM_MANAGE",
                 detail: format!("enrolling netns cookie {netns_cookie}: {e}"),
@@ -645,18 +729,7 @@ impl Dataplane {
 
     /// Kernel counters summed over CPUs.
     pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
-        let mut out = BTreeMap::new();
-        for (i, name) in STAT_NAMES.iter().enumerate() {
-            let v = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|e| DataplaneError::MapIo {
-                    map: "KM_STATS",
-                    detail: e.to_string(),
-                })?;
-            out.insert(*name, v.iter().sum());
-        }
-        Ok(out)
+        counters(&self.stats, "KM_STATS", &STAT_NAMES)
     }
 
     /// Every service entry with its slots, as the kernel holds them: one
@@ -706,10 +779,21 @@ impl Dataplane {
             enrolled_netns.push(k.map_err(map_io("KM_MANAGE"))?);
         }
         enrolled_netns.sort_unstable();
+        let mut waypoints = Vec::new();
+        for e in self.waypoints.iter() {
+            let (d, w) = e.map_err(map_io("KM_WAYPOINT"))?;
+            waypoints.push((
+                xds_adapter::addr::from_abi(&d),
+                xds_adapter::addr::from_abi(&w),
+            ));
+        }
+        waypoints.sort_unstable();
         Ok(KernelDump {
             services,
             enrolled_netns,
             stats: self.stats()?,
+            waypoints,
+            waypoint_stats: self.waypoint_stats()?,
         })
     }
 
@@ -724,6 +808,11 @@ impl Dataplane {
                 overflow: self.cx_overflow.get(id, 0).unwrap_or(0),
             })
             .collect()
+    }
+
+    /// Waypoint counters summed over CPUs.
+    pub fn waypoint_stats(&self) -> Result<BTreeMap<&'static str, u64>, DataplaneError> {
+        counters(&self.wp_stats, "KM_WP_STATS", &WAYPOINT_STAT_NAMES)
     }
 
     /// Kernel ids of the loaded programs, by name (for bpftool and bpf_stats).

@@ -90,6 +90,12 @@ struct RunArgs {
     #[arg(long = "enroll-netns", value_name = "PATH")]
     enroll_netns: Vec<PathBuf>,
 
+    /// dual-engine: network namespace of a waypoint pod to enroll
+    /// (repeatable). Its connects are routed like any enrolled pod's but
+    /// never steered to a waypoint (that would loop back to it).
+    #[arg(long = "waypoint-netns", value_name = "PATH")]
+    waypoint_netns: Vec<PathBuf>,
+
     /// cgroup v2 directory to attach the programs to [default: the cgroup2
     /// mount point from /proc/mounts].
     #[arg(long, env = "KMESH_CGROUP2_PATH")]
@@ -275,21 +281,47 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
             pinlock::lock_path(&dir).display()
         );
     };
+    // The kernel releases a link whose last reference went away from a
+    // workqueue, a little after the unlink (later still when cgroup_mutex
+    // is contended): note the links' programs first and wait until they
+    // are unloaded — a program is put only after its link detached it —
+    // so that nothing is attached any more when this returns.
+    let progs: Vec<u32> = std::fs::read_dir(dir.join("links"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| aya::programs::links::PinnedLink::from_pin(e.path()).ok())
+                .filter_map(|p| aya::programs::links::FdLink::from(p).info().ok())
+                .map(|i| i.program_id())
+                .collect()
+        })
+        .unwrap_or_default();
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while aya::programs::loaded_programs()
+        .flatten()
+        .any(|p| progs.contains(&p.id()))
+    {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "removed {} but some of its programs are still loaded after 10 s",
+                dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let lock_dir = lock.path().to_path_buf();
     drop(lock);
     // Best effort: a daemon starting right now may hold it again.
     let _ = std::fs::remove_dir(&lock_dir);
-    println!("removed {}", dir.display());
+    println!(
+        "removed {} ({} attached programs unloaded)",
+        dir.display(),
+        progs.len()
+    );
     Ok(())
 }
 
 async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<()> {
-    if args.mode == Mode::DualEngine && args.on_exit == OnExit::Keep {
-        // The XDP authorization links are not pinned yet: keeping the
-        // connect programs while authorization goes away would fail open.
-        bail!("--on-exit keep is not supported with --mode dual-engine yet (authorization would stop while no daemon runs); use --on-exit detach");
-    }
     if args.mode == Mode::DualEngine && args.config.is_none() {
         bail!("--mode dual-engine needs --config <file> (a ztunnel-style local config); xDS for the workload API is not implemented in this version");
     }
@@ -364,6 +396,12 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         .map(|p| netns::cookie_of(p).map(|c| (p, c)))
         .collect::<std::io::Result<Vec<_>>>()
         .context("--enroll-netns")?;
+    let waypoint_cookies = args
+        .waypoint_netns
+        .iter()
+        .map(|p| netns::cookie_of(p).map(|c| (p, c)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("--waypoint-netns")?;
 
     if sys::ensure_bpffs(&args.bpf_fs_path)? {
         tracing::info!(path = %args.bpf_fs_path.display(), "mounted bpffs");
@@ -430,7 +468,17 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "(none yet: waiting for the control plane)".into())
     );
-    let static_cookies: BTreeSet<u64> = cookies.iter().map(|(_, c)| *c).collect();
+    // Waypoint namespaces first, with their flag: set_enrolled leaves
+    // existing entries as they are, so they are never steered to themselves.
+    for (path, cookie) in &waypoint_cookies {
+        dp.enroll_waypoint(*cookie)?;
+        tracing::info!(netns = %path.display(), cookie, "enrolled as a waypoint");
+    }
+    let static_cookies: BTreeSet<u64> = cookies
+        .iter()
+        .chain(&waypoint_cookies)
+        .map(|(_, c)| *c)
+        .collect();
     if args.kubernetes {
         // The Kubernetes reconciler owns the full set; until its first
         // reconcile, enrollments inherited from pinned maps stay.
@@ -443,6 +491,15 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     for (path, cookie) in &cookies {
         tracing::info!(netns = %path.display(), cookie, "enrolled");
     }
+    if let Some(de) = &dual {
+        dp.set_waypoints(&de.waypoints)?;
+        if !de.waypoints.is_empty() {
+            tracing::info!(
+                destinations = de.waypoints.len(),
+                "waypoint steering written"
+            );
+        }
+    }
     if let Some(de) = dual {
         let mut authz = kmesh_daemon::authz::Authz::load(dp.ebpf_mut())?;
         authz.write(&de.authz)?;
@@ -452,10 +509,11 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?
                 .counting(by_workload.clone());
         tokio::spawn(log.run());
-        for (path, _) in &cookies {
-            let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface)?;
+        for (path, _) in cookies.iter().chain(&waypoint_cookies) {
+            let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface, Some(&pins))?;
             tracing::info!(netns = %path.display(), interface = %args.authz_interface, mode, "authorization attached");
         }
+        authz.remove_stale_links(&pins);
         tracing::info!(
             policies = de.authz.policy_names.len(),
             workloads = de.authz.workloads.len(),

@@ -22,6 +22,9 @@
 //! calls, one slot lookup (two for least request), the counter updates of
 //! `lb::admit` and one LRU insert for the original destination. Nothing
 //! loops, so the cost is flat in the number of services and endpoints.
+//! Dual-engine waypoints add two hash lookups in the entry program
+//! (destination, then the address on any port) before the service lookup,
+//! and one LRU insert when steered.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -32,6 +35,8 @@ mod authz;
 /// Endpoint selection and connection accounting.
 mod lb;
 mod sockops;
+/// Dual-engine waypoint steering (PROXY protocol v2 via sk_msg).
+mod waypoint;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -43,10 +48,11 @@ use aya_ebpf::{
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use kmesh_abi::{
-    stage, stats, ServiceValue, SockAddr, FAMILY_V4, MAX_ENROLLED_NETNS, MAX_ORIG_DST, MAX_SERVICES,
+    stage, stats, waypoint::MANAGE_WAYPOINT, ServiceValue, SockAddr, FAMILY_V4, MAX_ENROLLED_NETNS, MAX_ORIG_DST, MAX_SERVICES,
 };
 
-/// Network namespaces whose sockets kmesh-rs manages (netns cookie → 1).
+/// Network namespaces whose sockets kmesh-rs manages (netns cookie →
+/// `kmesh_abi::waypoint::MANAGE_*` bits).
 #[map]
 static KM_MANAGE: HashMap<u64, u32> = HashMap::with_max_entries(MAX_ENROLLED_NETNS, 0);
 
@@ -96,6 +102,8 @@ struct ConnectCtx {
     svc: ServiceValue,
     /// Network namespace cookie of the client.
     netns: u64,
+    /// 1 when the backend is (an endpoint of) `dst`'s waypoint.
+    via_waypoint: u32,
 }
 
 #[map]
@@ -200,15 +208,38 @@ fn entry(
     count(stats::CONNECT_SEEN);
     // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is only tested for presence.
-    if unsafe { KM_MANAGE.get(&netns) }.is_none() {
+    // SAFETY: the value is copied out at once.
+    let Some(manage) = (unsafe { KM_MANAGE.get(&netns) }).copied() else {
         return ALLOW;
-    }
+    };
     count(stats::CONNECT_ENROLLED);
+    // A destination with a waypoint is dialled at the waypoint (a waypoint's
+    // own connects are not: they would loop back to it). The waypoint may
+    // itself be a service, load balanced below.
+    let (target, via_waypoint) = match manage & MANAGE_WAYPOINT {
+        0 => match waypoint::lookup(&dst) {
+            Some(w) => (w, true),
+            None => (dst, false),
+        },
+        _ => (dst, false),
+    };
     // SAFETY: userspace replaces service values whole with one update; a
     // torn read is impossible for a hash map element (RCU-replaced).
-    let svc = match unsafe { KM_SERVICE.get(&dst) } {
+    let svc = match unsafe { KM_SERVICE.get(&target) } {
         Some(s) => *s,
+        // A waypoint that is a plain address: dial it, no LB stage.
+        None if via_waypoint => {
+            let Some(c) = connect_ctx() else {
+                return REJECT;
+            };
+            c.cookie = socket_cookie(ctx);
+            c.dst = dst;
+            c.svc = ServiceValue::default();
+            c.netns = netns;
+            c.backend = target;
+            c.via_waypoint = 1;
+            return endpoint(ctx);
+        }
         None => return ALLOW,
     };
     if svc.slot_count == 0 {
@@ -222,6 +253,7 @@ fn entry(
     c.dst = dst;
     c.svc = svc;
     c.netns = netns;
+    c.via_waypoint = via_waypoint as u32;
     // SAFETY: on success the tail call does not return; the stage is a
     // cgroup/connect program of the same attach type as this one.
     let _ = unsafe { stages.tail_call(ctx, svc.lb_policy) };
@@ -281,6 +313,9 @@ fn endpoint_stage(ctx: &SockAddrContext, v4_socket: bool) -> Result<&'static Con
     // A full LRU evicts the oldest entry; failure only loses the VIP
     // rewrite of getpeername for this socket.
     let _ = KM_ORIGDST.insert(&cookie, &c.dst, 0);
+    if c.via_waypoint != 0 {
+        waypoint::steered(ctx, &c.dst);
+    }
     count(stats::CONNECT_REDIRECTED);
     Ok(c)
 }

@@ -86,7 +86,10 @@ fn count(index: u32) {
 #[sock_ops]
 pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, DIR_OUTBOUND),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            crate::waypoint::on_established(&ctx);
+            on_established(&ctx, DIR_OUTBOUND)
+        }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, DIR_INBOUND),
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
@@ -328,8 +331,9 @@ fn state_retrans(ops: *mut bpf_sock_ops) -> u32 {
     unsafe { read_volatile(addr_of!((*ops).total_retrans)) }
 }
 
+/// This socket's and the peer's address, from the context fields.
 #[inline(always)]
-fn addresses(ops: *mut bpf_sock_ops) -> (SockAddr, SockAddr) {
+pub(crate) fn addresses(ops: *mut bpf_sock_ops) -> (SockAddr, SockAddr) {
     // Every field is read before any branch: a context pointer computed in
     // one branch and dereferenced in another is rejected by the verifier
     // ("dereference of modified ctx ptr").
@@ -355,6 +359,21 @@ fn addresses(ops: *mut bpf_sock_ops) -> (SockAddr, SockAddr) {
             ],
         )
     };
+    to_sock_addrs(family, lport, rport, l4, r4, l6, r6)
+}
+
+/// Local and remote [`SockAddr`] from the raw address fields that
+/// `bpf_sock_ops` and `sk_msg_md` share (same names, same encodings).
+#[inline(always)]
+pub(crate) fn to_sock_addrs(
+    family: u32,
+    lport: u32,
+    rport: u32,
+    l4: u32,
+    r4: u32,
+    l6: [u32; 4],
+    r6: [u32; 4],
+) -> (SockAddr, SockAddr) {
     // local_port is in host order; remote_port holds the network-order
     // port in its upper 16 bits (on little-endian hosts).
     let lport = (lport as u16).to_be();

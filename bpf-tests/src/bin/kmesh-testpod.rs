@@ -19,6 +19,13 @@
 //!   request gets `200 ok` (2-byte body); keep-alive unless the request
 //!   says `Connection: close`. One thread per connection (64 KiB stacks),
 //!   so 1,000+ concurrent connections cost memory, not CPU.
+//! - `http-named NAME ADDR...`: the same server, answering `NAME` as the
+//!   body, so an HTTP client can tell which backend answered.
+//! - `get ADDR COUNT [HEADER]`: COUNT sequential HTTP/1.1 GET requests to
+//!   ADDR, one connection each (`Connection: close`), with the extra
+//!   request header `HEADER` (`name: value`) if given; prints the `connect`
+//!   JSON line with the response bodies as backend names (a non-200
+//!   answer counts as an error of kind `status <code>`).
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -65,8 +72,16 @@ fn main() {
             let until = std::time::Instant::now() + Duration::from_millis(parse_count(&args[2]) as u64);
             connect(parse_addr(&args[1]), usize::MAX, Some(until))
         }
-        Some("http") if args.len() >= 2 => http(&args[1..]),
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR..."),
+        Some("http") if args.len() >= 2 => http("ok", &args[1..]),
+        Some("http-named") if args.len() >= 3 => {
+            http(Box::leak(args[1].clone().into_boxed_str()), &args[2..])
+        }
+        Some("get") if args.len() == 3 || args.len() == 4 => get(
+            parse_addr(&args[1]),
+            parse_count(&args[2]),
+            args.get(3).map(String::as_str),
+        ),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR... | http-named NAME ADDR... | get ADDR N [HEADER]"),
     }
 }
 
@@ -246,7 +261,7 @@ fn hold(addr: SocketAddr, count: usize) {
     }
 }
 
-fn http(addrs: &[String]) {
+fn http(body: &'static str, addrs: &[String]) {
     let mut threads = Vec::new();
     for a in addrs {
         let addr = parse_addr(a);
@@ -266,7 +281,7 @@ fn http(addrs: &[String]) {
                 // A failed spawn (thread limit) drops this connection only.
                 let _ = std::thread::Builder::new()
                     .stack_size(64 * 1024)
-                    .spawn(move || http_conn(s));
+                    .spawn(move || http_conn(s, body));
             }
         }));
     }
@@ -280,10 +295,13 @@ fn http(addrs: &[String]) {
 /// Serves requests on one connection until the client closes it or asks
 /// for `Connection: close`. Requests are expected without a body (GET);
 /// pipelined requests are answered in order.
-fn http_conn(mut s: TcpStream) {
-    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
-    const OK_CLOSE: &[u8] =
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+fn http_conn(mut s: TcpStream, body: &str) {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    let ok = format!("{head}\r\n{body}");
+    let ok_close = format!("{head}Connection: close\r\n\r\n{body}");
     let _ = s.set_nodelay(true);
     let mut buf = vec![0u8; 8192];
     let mut have = 0;
@@ -291,7 +309,8 @@ fn http_conn(mut s: TcpStream) {
         // Answer every complete request head in the buffer.
         while let Some(end) = find_head_end(&buf[..have]) {
             let close = wants_close(&buf[..end]);
-            if s.write_all(if close { OK_CLOSE } else { OK }).is_err() || close {
+            let answer = if close { &ok_close } else { &ok };
+            if s.write_all(answer.as_bytes()).is_err() || close {
                 return;
             }
             buf.copy_within(end..have, 0);
@@ -305,6 +324,52 @@ fn http_conn(mut s: TcpStream) {
             Ok(n) => have += n,
         }
     }
+}
+
+fn get(addr: SocketAddr, count: usize, header: Option<&str>) {
+    let mut backends: BTreeMap<String, usize> = BTreeMap::new();
+    let mut error_kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut errors, mut peer_mismatch) = (0, 0);
+    let extra = header.map(|h| format!("{h}\r\n")).unwrap_or_default();
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    for _ in 0..count {
+        let one = || -> std::io::Result<(String, bool)> {
+            let timeout = Duration::from_millis(*CONNECT_TIMEOUT_MS.get().unwrap_or(&3000));
+            let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let peer_ok = s.peer_addr()? == addr;
+            s.write_all(request.as_bytes())?;
+            let mut resp = Vec::new();
+            s.read_to_end(&mut resp)?;
+            let text = String::from_utf8_lossy(&resp);
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let status = head.split_whitespace().nth(1).unwrap_or("none");
+            if status != "200" {
+                return Err(std::io::Error::other(format!("status {status}")));
+            }
+            Ok((body.trim().to_string(), peer_ok))
+        };
+        match one() {
+            Ok((name, peer_ok)) => {
+                *backends.entry(name).or_default() += 1;
+                if !peer_ok {
+                    peer_mismatch += 1;
+                }
+            }
+            Err(e) => {
+                errors += 1;
+                let kind = match e.kind() {
+                    std::io::ErrorKind::Other => e.to_string(),
+                    k => format!("{k:?}"),
+                };
+                *error_kinds.entry(kind).or_default() += 1;
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"backends": backends, "errors": errors, "peer_mismatch": peer_mismatch, "error_kinds": error_kinds})
+    );
 }
 
 /// Length of the request head (up to and including the blank line).

@@ -305,3 +305,19 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The Envoy binary: `KMESH_TEST_ENVOY`, else the one `cargo xtask setup`
+/// installs in `target/venv`.
+pub fn envoy_path() -> PathBuf {
+    let p = std::env::var_os("KMESH_TEST_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/envoy")
+        });
+    assert!(
+        p.exists(),
+        "Envoy not found at {} (hint: `cargo xtask test` installs it; or set KMESH_TEST_ENVOY)",
+        p.display()
+    );
+    p
+}

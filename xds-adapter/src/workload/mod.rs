@@ -40,9 +40,11 @@
 
 mod compile;
 mod parse;
+mod waypoint;
 
 pub use compile::{az_ip, compile, AuthzTables};
 pub use parse::parse_local_config;
+pub use waypoint::{waypoint_table, WaypointTable};
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -65,6 +67,29 @@ pub struct Workload {
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
     /// `namespace/name` of the WorkloadSelector policies selecting it.
     pub authorization_policies: Vec<String>,
+    /// Connections to this workload (any port) go through this waypoint.
+    pub waypoint: Option<Waypoint>,
+}
+
+/// `waypoint` of a workload or service (ztunnel's GatewayAddress): where
+/// its traffic is sent instead, with a PROXY protocol v2 header naming the
+/// original destination.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Waypoint {
+    pub destination: WaypointDestination,
+    /// The port the waypoint accepts PROXY-v2-prefixed connections on
+    /// (`hboneMtlsPort` in ztunnel's format; Istio's HBONE port is 15008,
+    /// here it is whatever the waypoint's listener uses).
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum WaypointDestination {
+    /// The waypoint's own address.
+    Address(IpAddr),
+    /// A service of the config (`namespace/hostname`): its VIPs, load
+    /// balanced over its endpoints like any service.
+    Hostname(String),
 }
 
 impl Workload {
@@ -95,6 +120,8 @@ pub struct Service {
     /// Service port → target port (0: same as the service port).
     pub ports: BTreeMap<u16, u16>,
     pub lb: LbMode,
+    /// Connections to this service's VIPs go through this waypoint.
+    pub waypoint: Option<Waypoint>,
 }
 
 impl Service {
@@ -223,15 +250,19 @@ pub struct DualEngineConfig {
     pub flat: FlatConfig,
     #[serde(skip)]
     pub authz: AuthzTables,
+    /// Destinations with a waypoint.
+    pub waypoints: WaypointTable,
 }
 
 /// Parses, validates and compiles a ztunnel-style local config document.
 pub fn compile_local_config(text: &str) -> Result<DualEngineConfig, ConfigErrors> {
     let config = parse_local_config(text)?;
     let (flat, authz) = compile(&config)?;
+    let waypoints = waypoint_table(&config)?;
     Ok(DualEngineConfig {
         config,
         flat,
         authz,
+        waypoints,
     })
 }

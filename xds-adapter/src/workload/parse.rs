@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use serde_yaml::{Mapping, Value};
 
 use super::{
-    Action, Cidr, LbMode, LocalConfig, Match, Policy, Scope, Service, StringMatch, Workload,
+    Action, Cidr, LbMode, LocalConfig, Match, Policy, Scope, Service, StringMatch, Waypoint,
+    WaypointDestination, Workload,
 };
 use crate::{ConfigError, ConfigErrors};
 
@@ -30,15 +31,8 @@ const WORKLOAD_IGNORED: &[&str] = &[
     "networkGateway",
     "hostname",
     "capacity",
-    "waypoint",
 ];
-const SERVICE_IGNORED: &[&str] = &[
-    "subjectAltNames",
-    "waypoint",
-    "loadBalancer",
-    "ipFamilies",
-    "endpoints",
-];
+const SERVICE_IGNORED: &[&str] = &["subjectAltNames", "loadBalancer", "ipFamilies", "endpoints"];
 /// L7 attributes of Istio AuthorizationPolicy an L4 engine cannot check.
 const L7_FIELDS: &[&str] = &[
     "requestPrincipals",
@@ -257,6 +251,7 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
             "services",
             "authorizationPolicies",
             "status",
+            "waypoint",
         ],
         WORKLOAD_IGNORED,
     );
@@ -347,11 +342,7 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
             ),
         }
     }
-    if m.get("waypoint").is_some_and(|w| !w.is_null()) {
-        c.warnings.push(format!(
-            "{res}: field waypoint: waypoints are not implemented; traffic to this workload goes direct and its L7 policies are not enforced"
-        ));
-    }
+    let waypoint = waypoint(c, &res, m.get("waypoint"));
     (c.errors.len() == before).then_some(Workload {
         name,
         namespace,
@@ -362,6 +353,7 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
         ips,
         services,
         authorization_policies,
+        waypoint,
     })
 }
 
@@ -377,7 +369,15 @@ fn service(c: &mut Ctx, i: usize, v: &Value) -> Option<Service> {
         &res,
         "",
         m,
-        &["name", "namespace", "hostname", "vips", "ports", "lbPolicy"],
+        &[
+            "name",
+            "namespace",
+            "hostname",
+            "vips",
+            "ports",
+            "lbPolicy",
+            "waypoint",
+        ],
         SERVICE_IGNORED,
     );
     let name = str_field(c, &res, m, "name", true);
@@ -425,6 +425,7 @@ fn service(c: &mut Ctx, i: usize, v: &Value) -> Option<Service> {
             ));
         }
     }
+    let waypoint = waypoint(c, &res, m.get("waypoint"));
     (c.errors.len() == before).then_some(Service {
         name,
         namespace,
@@ -432,6 +433,122 @@ fn service(c: &mut Ctx, i: usize, v: &Value) -> Option<Service> {
         vips,
         ports,
         lb,
+        waypoint,
+    })
+}
+
+/// `waypoint: {destination: "network/ip" | {address: "network/ip"} |
+/// {hostname: {namespace, hostname}}, hboneMtlsPort: N}` (ztunnel's
+/// GatewayAddress; `port` is accepted for `hboneMtlsPort`).
+fn waypoint(c: &mut Ctx, res: &str, v: Option<&Value>) -> Option<Waypoint> {
+    let m = match v {
+        None | Some(Value::Null) => return None,
+        Some(Value::Mapping(m)) => m,
+        Some(_) => {
+            c.err(
+                res,
+                "waypoint",
+                "must be a map with destination and hboneMtlsPort",
+            );
+            return None;
+        }
+    };
+    check_keys(
+        c,
+        res,
+        "waypoint",
+        m,
+        &["destination", "hboneMtlsPort", "port"],
+        &[],
+    );
+    let port = match m
+        .get("hboneMtlsPort")
+        .or_else(|| m.get("port"))
+        .map(port_of)
+    {
+        Some(Some(p)) if p != 0 => Some(p),
+        Some(_) => {
+            c.err(res, "waypoint.hboneMtlsPort", "must be a port (1-65535)");
+            None
+        }
+        None => {
+            c.errors.push(
+                ConfigError::new(res, "waypoint.hboneMtlsPort", "missing (required)")
+                    .with_hint("the port the waypoint's PROXY protocol v2 listener accepts on"),
+            );
+            None
+        }
+    };
+    let address = |c: &mut Ctx, field: &str, v: &Value| -> Option<WaypointDestination> {
+        let ip = as_str(v).and_then(|s| {
+            let ip = s
+                .rsplit_once('/')
+                .map(|(_, ip)| ip.to_string())
+                .unwrap_or(s);
+            ip.parse::<IpAddr>().ok()
+        });
+        if ip.is_none() {
+            c.err(
+                res,
+                field,
+                format!("{} is not \"network/ip\" with an IP address", key_str(v)),
+            );
+        }
+        ip.map(WaypointDestination::Address)
+    };
+    let destination = match m.get("destination") {
+        None | Some(Value::Null) => {
+            c.err(res, "waypoint.destination", "missing (required)");
+            None
+        }
+        Some(v @ Value::String(_)) => address(c, "waypoint.destination", v),
+        Some(Value::Mapping(d)) => {
+            check_keys(
+                c,
+                res,
+                "waypoint.destination",
+                d,
+                &["address", "hostname"],
+                &[],
+            );
+            match (d.get("address"), d.get("hostname")) {
+                (Some(a), None) => address(c, "waypoint.destination.address", a),
+                (None, Some(Value::Mapping(h))) => {
+                    let f = "waypoint.destination.hostname";
+                    let ns = h.get("namespace").and_then(as_str);
+                    let host = h.get("hostname").and_then(as_str);
+                    match (ns, host) {
+                        (Some(ns), Some(host)) => {
+                            Some(WaypointDestination::Hostname(format!("{ns}/{host}")))
+                        }
+                        _ => {
+                            c.err(res, f, "must be {namespace, hostname}");
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    c.err(
+                        res,
+                        "waypoint.destination",
+                        "must have exactly one of address or hostname",
+                    );
+                    None
+                }
+            }
+        }
+        Some(_) => {
+            c.err(
+                res,
+                "waypoint.destination",
+                "must be \"network/ip\", {address: ...} or {hostname: {namespace, hostname}}",
+            );
+            None
+        }
+    };
+    Some(Waypoint {
+        destination: destination?,
+        port: port?,
     })
 }
 
