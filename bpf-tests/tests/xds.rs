@@ -137,7 +137,7 @@ fn service_defined_only_by_xds_is_routed_and_updated_without_failed_connects() {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let daemon = Command::new(workspace_bin("kmesh-daemon"))
-        .arg("--xds-address")
+        .args(["--mode", "kernel-native", "--xds-address"])
         .arg(f.uri())
         .arg("--enroll-netns")
         .arg(&client.netns_path)

@@ -47,10 +47,11 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Dataplane mode: `kernel-native` (Envoy config, connect-time L4
-    /// routing) or `dual-engine` (ztunnel-style local config: workloads,
-    /// services and L4 authorization policies enforced by XDP).
-    #[arg(long, value_enum, env = "KMESH_MODE", default_value = "kernel-native")]
+    /// Dataplane mode: `dual-engine` (the Istio workload API or a
+    /// ztunnel-style local config: workloads, services and L4
+    /// authorization policies enforced by XDP) or `kernel-native` (Envoy
+    /// config, connect-time L4 routing).
+    #[arg(long, value_enum, env = "KMESH_MODE", default_value = "dual-engine")]
     mode: Mode,
 
     /// Static mesh config. kernel-native: an Envoy v3 bootstrap
@@ -107,6 +108,19 @@ struct RunArgs {
     /// This node's name (pods are watched with spec.nodeName=<name>).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+
+    /// dual-engine: this node's locality `region[/zone[/subzone]]`, what
+    /// locality-aware load balancing ranks service endpoints against.
+    #[arg(long, env = "KMESH_LOCALITY", default_value = "")]
+    locality: xds_adapter::workload::Locality,
+
+    /// dual-engine: this node's network (the workload API's `network`).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    network: String,
+
+    /// dual-engine: this node's cluster (the workload API's `cluster_id`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
 
     /// Where the host's /proc is mounted (to find pod network namespaces).
     #[arg(long, env = "KMESH_HOST_PROC", default_value = "/proc")]
@@ -251,11 +265,19 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         // connect programs while authorization goes away would fail open.
         bail!("--on-exit keep is not supported with --mode dual-engine yet (authorization would stop while no daemon runs); use --on-exit detach");
     }
-    if args.mode == Mode::DualEngine && args.config.is_none() {
-        bail!("--mode dual-engine needs --config <file> (a ztunnel-style local config); xDS for the workload API is not implemented in this version");
-    }
+    let dual_engine = args.mode == Mode::DualEngine;
+    let local_node = xds_adapter::workload::LocalNode {
+        locality: args.locality.clone(),
+        node: args.node_name.clone().unwrap_or_default(),
+        network: args.network.clone(),
+        cluster_id: args.cluster_id.clone(),
+    };
     let xds = match (&args.config, &args.xds_address) {
-        (None, None) => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
+        (None, None) if !dual_engine => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
+        (None, None) => None,
+        (_, Some(_)) if dual_engine => {
+            bail!("--mode dual-engine with --xds-address: the workload API client is not implemented yet")
+        }
         (_, Some(addr)) => {
             // Refuse an unusable address before loading anything.
             let (_, tls) =
@@ -291,8 +313,9 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             let text = std::fs::read_to_string(config_path)
                 .with_context(|| format!("reading --config {}", config_path.display()))?;
             let rejected = |e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display());
-            let flat = if args.mode == Mode::DualEngine {
-                let de = xds_adapter::workload::compile_local_config(&text).map_err(rejected)?;
+            let flat = if dual_engine {
+                let de = xds_adapter::workload::compile_local_config_for(&text, &local_node)
+                    .map_err(rejected)?;
                 let flat = de.flat.clone();
                 dual = Some(de);
                 flat
@@ -304,12 +327,36 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             }
             flat
         }
+        // dual-engine: empty tables (no service is routed, no policy
+        // applies) until the control plane sends the workload API.
+        None if dual_engine => {
+            let de =
+                xds_adapter::workload::DualEngineConfig::compile(Default::default(), &local_node)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let flat = de.flat.clone();
+            dual = Some(de);
+            flat
+        }
         // The control plane fills the maps; until then connects are left alone.
         None => xds_adapter::FlatConfig {
             services: Default::default(),
             warnings: vec![],
         },
     };
+    if dual_engine {
+        tracing::info!(
+            locality = %format!("{}/{}/{}", local_node.locality.region, local_node.locality.zone, local_node.locality.subzone),
+            node = %local_node.node,
+            network = %local_node.network,
+            cluster = %local_node.cluster_id,
+            "mode dual-engine: {}",
+            match (&args.config, &args.xds_address) {
+                (Some(p), _) => format!("local config {}", p.display()),
+                (None, Some(a)) => format!("workload API (Address, Authorization) over delta ADS from {a}"),
+                (None, None) => "no --config and no --xds-address: tables are empty (nothing is routed or authorized) until a config is given".into(),
+            }
+        );
+    }
 
     sys::check_kernel()?;
     let cgroup = match &args.cgroup2_path {
