@@ -38,8 +38,10 @@
 //! the full policy denies; with no L4 part left it matches every
 //! connection). Both produce a warning naming the policy and field.
 
+pub mod api;
 mod compile;
 mod parse;
+pub mod proto;
 
 pub use compile::{az_ip, compile, locality_rank, AuthzTables};
 pub use parse::parse_local_config;
@@ -231,6 +233,31 @@ impl StringMatch {
 pub struct Cidr {
     pub addr: IpAddr,
     pub len: u8,
+}
+
+impl Cidr {
+    /// `addr/len` with the host bits cleared.
+    pub fn new(addr: IpAddr, len: u8) -> Result<Cidr, String> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(format!("prefix length {len} is not 0-{max}"));
+        }
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Ok(Cidr { addr, len })
+    }
 }
 
 /// One match: every non-empty field must hold (AND); within a field, any

@@ -693,21 +693,7 @@ pub(crate) fn parse_cidr(s: &str) -> Result<Cidr, String> {
             .filter(|l| *l <= max)
             .ok_or_else(|| format!("{s:?}: prefix length {l:?} is not 0-{max}"))?,
     };
-    let addr = match addr {
-        IpAddr::V4(a) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    };
-    Ok(Cidr { addr, len })
+    Cidr::new(addr, len).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_match(c: &mut Ctx, res: &str, f: &str, v: &Value, action: Action) -> Match {
