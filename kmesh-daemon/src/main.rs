@@ -275,9 +275,6 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     let xds = match (&args.config, &args.xds_address) {
         (None, None) if !dual_engine => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
         (None, None) => None,
-        (_, Some(_)) if dual_engine => {
-            bail!("--mode dual-engine with --xds-address: the workload API client is not implemented yet")
-        }
         (_, Some(addr)) => {
             // Refuse an unusable address before loading anything.
             let (_, tls) =
@@ -296,7 +293,8 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
                 addr.clone(),
                 kmesh_daemon::xds::NodeIdentity::from_env(),
             );
-            opts.delta = args.xds_delta;
+            // The workload API is served over delta ADS only.
+            opts.delta = args.xds_delta || dual_engine;
             opts.ca_cert = args.xds_ca_cert.clone();
             opts.tls_server_name = args.xds_tls_server_name.clone();
             opts.token_path = args.xds_token.clone().or_else(|| {
@@ -463,6 +461,19 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     *state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(flat);
     *state.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(dp);
     let _xds_task = match xds {
+        Some(opts) if dual_engine => {
+            let status = kmesh_daemon::xds::SharedStatus::default();
+            *state.xds.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+            tracing::info!(address = %opts.address, "subscribing to the workload API (Address, Authorization); ready after its first config");
+            Some(AbortOnDrop(tokio::spawn(kmesh_daemon::xds::workload::run(
+                opts,
+                local_node.clone(),
+                kmesh_daemon::xds::DataplaneSink {
+                    state: state.clone(),
+                },
+                status,
+            ))))
+        }
         Some(opts) => {
             let status = kmesh_daemon::xds::SharedStatus::default();
             *state.xds.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
