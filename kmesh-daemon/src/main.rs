@@ -437,8 +437,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     if let Some(de) = dual {
         let mut authz = kmesh_daemon::authz::Authz::load(dp.ebpf_mut())?;
         authz.write(&de.authz)?;
-        let log =
-            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?;
+        let log = kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), authz.policy_names())?;
         tokio::spawn(log.run());
         for (path, _) in &cookies {
             let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface)?;
