@@ -156,6 +156,12 @@ fn workload_service_and_deny_policy_from_xds_route_and_authorize() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["policies"].as_array().map(Vec::len), Some(0), "{body}");
     assert_eq!(v["workloads"].as_array().map(Vec::len), Some(3), "{body}");
+    assert_eq!(
+        v["xds"]["resources"]["WDS"].as_object().map(|m| m.len()),
+        Some(4),
+        "{body}"
+    );
+    assert!(v["xds"]["accepted_versions"]["AUTHZ"].is_string(), "{body}");
 
     // SIGTERM: clean exit (programs detached, pins removed).
     // SAFETY: kill(2) on our own child.

@@ -362,16 +362,26 @@ pub struct DualEngineState {
     pub authz: Authz,
 }
 
-/// `/debug/config_dump/dual-engine`: the validated local config.
+/// `/debug/config_dump/dual-engine`: the validated config (local file or
+/// workload API), with `xds` (resources held, versions, NACKs) when it
+/// comes from a control plane.
 pub async fn config_dump(
     axum::extract::State(s): axum::extract::State<std::sync::Arc<crate::admin::AdminState>>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
-    match de.as_ref() {
-        Some(de) => {
-            axum::Json(serde_json::to_value(&de.config).unwrap_or_default()).into_response()
-        }
+    let mut v = {
+        let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
+        de.as_ref()
+            .map(|de| serde_json::to_value(&de.config).unwrap_or_default())
+    };
+    // With the workload API: what is held from it, versions and NACKs.
+    let xds = s.xds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let (Some(v), Some(xds)) = (v.as_mut(), xds) {
+        let status = xds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        v["xds"] = serde_json::to_value(status).unwrap_or_default();
+    }
+    match v {
+        Some(v) => axum::Json(v).into_response(),
         None => (
             axum::http::StatusCode::NOT_FOUND,
             "not running in dual-engine mode\n",

@@ -512,8 +512,16 @@ pub struct DeltaOutcome {
 /// service's `namespace/hostname`, a policy's `namespace/name`).
 #[derive(Debug, Clone, Default)]
 pub struct WorkloadApiState {
-    /// type URL → name → (version, resource, its warnings).
-    held: BTreeMap<&'static str, BTreeMap<String, (String, Held, Vec<String>)>>,
+    /// type URL → name → entry.
+    held: BTreeMap<&'static str, BTreeMap<String, Entry>>,
+}
+
+/// One held resource with its version and warnings.
+#[derive(Debug, Clone)]
+struct Entry {
+    version: String,
+    resource: Held,
+    warnings: Vec<String>,
 }
 
 impl WorkloadApiState {
@@ -521,7 +529,11 @@ impl WorkloadApiState {
     pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
         self.held
             .get(type_url)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, e)| (k.clone(), e.version.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -552,9 +564,16 @@ impl WorkloadApiState {
             };
             match decode(t, any_type, bytes) {
                 Ok(c) => {
-                    let same = held.get(*name).is_some_and(|old| old.1 == c.value);
+                    let same = held.get(*name).is_some_and(|old| old.resource == c.value);
                     out.changed |= !same;
-                    held.insert(name.to_string(), (version.to_string(), c.value, c.warnings));
+                    held.insert(
+                        name.to_string(),
+                        Entry {
+                            version: version.to_string(),
+                            resource: c.value,
+                            warnings: c.warnings,
+                        },
+                    );
                 }
                 Err(reason) => out.rejected.push((name.to_string(), reason)),
             }
@@ -570,9 +589,9 @@ impl WorkloadApiState {
     pub fn config(&self) -> LocalConfig {
         let mut c = LocalConfig::default();
         for m in self.held.values() {
-            for (_, h, warnings) in m.values() {
-                c.warnings.extend(warnings.iter().cloned());
-                match h {
+            for e in m.values() {
+                c.warnings.extend(e.warnings.iter().cloned());
+                match &e.resource {
                     Held::Workload(w) => c.workloads.push(w.clone()),
                     Held::Service(s) => c.services.push(s.clone()),
                     Held::Policy(p) => c.policies.push(p.clone()),
