@@ -191,3 +191,30 @@ fn bad_load_balancer_fields_name_the_service_and_field() {
         "{e}"
     );
 }
+
+#[test]
+fn a_vip_claimed_twice_over_the_workload_api_is_reported() {
+    use xds_adapter::workload::{DualEngineConfig, LbMode, LocalConfig, Service};
+    let svc = |name: &str| Service {
+        name: name.into(),
+        namespace: "ns".into(),
+        hostname: format!("{name}.ns.svc"),
+        vips: vec!["10.96.0.1".parse().unwrap()],
+        ports: [(80, 80)].into(),
+        lb: LbMode::Random,
+        load_balancing: None,
+    };
+    let cfg = LocalConfig {
+        services: vec![svc("a"), svc("b")],
+        ..Default::default()
+    };
+    let de = DualEngineConfig::compile(cfg, &node()).unwrap();
+    assert!(
+        de.flat
+            .warnings
+            .iter()
+            .any(|w| w.contains("service \"ns/b\"") && w.contains("also captured by ns/a.ns.svc")),
+        "{:?}",
+        de.flat.warnings
+    );
+}

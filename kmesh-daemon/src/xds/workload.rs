@@ -216,6 +216,9 @@ pub fn accept(
         tracing::warn!("workload API NACK: {m}");
         nack = Some(m);
     }
+    for w in outcome.warnings.iter().take(20) {
+        tracing::warn!("workload API: {w}");
+    }
     lock(status).rejected.insert(short(type_url), rejected);
     if !(outcome.changed || force) {
         return nack;
@@ -236,9 +239,6 @@ pub fn accept(
             return Some(e);
         }
     };
-    for w in de.config.warnings.iter().take(20) {
-        tracing::debug!("workload API: {w}");
-    }
     tracing::info!(
         workloads = de.config.workloads.len(),
         services = de.config.services.len(),

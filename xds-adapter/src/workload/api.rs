@@ -167,6 +167,21 @@ impl TryFrom<proto::Workload> for Checked<Workload> {
                 "waypoints are not implemented; traffic to this workload goes direct and its L7 policies are not enforced",
             );
         }
+        if w.application_tunnel
+            .as_ref()
+            .is_some_and(|t| t.protocol != 0)
+        {
+            r.warn(
+                "application_tunnel",
+                "the PROXY protocol tunnel is not implemented; connections arrive without a PROXY header",
+            );
+        }
+        if w.capacity.as_ref().is_some_and(|c| c.value != 1) {
+            r.warn(
+                "capacity",
+                "endpoint capacity (weight) is not implemented; the workload gets one slot like every endpoint",
+            );
+        }
         if w.network_gateway.is_some() {
             r.warn(
                 "network_gateway",
@@ -505,6 +520,9 @@ pub struct DeltaOutcome {
     /// (resource name, reason) of each rejected resource; its last good
     /// version (if any) stays.
     pub rejected: Vec<(String, String)>,
+    /// Warnings of the resources accepted from this response (what of
+    /// them is not honoured).
+    pub warnings: Vec<String>,
 }
 
 /// The workload API resources held from a control plane: the last good
@@ -553,6 +571,7 @@ impl WorkloadApiState {
                 return DeltaOutcome {
                     changed: false,
                     rejected: vec![(String::new(), format!("unsupported resource type {other}"))],
+                    warnings: Vec::new(),
                 }
             }
         };
@@ -566,6 +585,9 @@ impl WorkloadApiState {
                 Ok(c) => {
                     let same = held.get(*name).is_some_and(|old| old.resource == c.value);
                     out.changed |= !same;
+                    if !same {
+                        out.warnings.extend(c.warnings.iter().cloned());
+                    }
                     held.insert(
                         name.to_string(),
                         Entry {
@@ -720,8 +742,10 @@ mod tests {
         w.waypoint = Some(proto::GatewayAddress {
             hbone_mtls_port: 15008,
         });
+        w.capacity = Some(proto::UInt32Value { value: 3 });
         let c = Checked::<Workload>::try_from(w).unwrap();
         assert!(c.warnings[0].contains("field waypoint"), "{:?}", c.warnings);
+        assert!(c.warnings[1].contains("field capacity"), "{:?}", c.warnings);
     }
 
     #[test]

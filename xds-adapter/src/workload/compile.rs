@@ -124,7 +124,7 @@ pub fn locality_rank(lb: &LoadBalancing, node: &LocalNode, w: &Workload) -> Opti
 }
 
 fn services(cfg: &LocalConfig, node: &LocalNode, errors: &mut Vec<ConfigError>) -> FlatConfig {
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<SocketAddr, FlatService> = BTreeMap::new();
     let mut warnings = cfg.warnings.clone();
     for s in &cfg.services {
         let key = s.key();
@@ -183,6 +183,15 @@ fn services(cfg: &LocalConfig, node: &LocalNode, errors: &mut Vec<ConfigError>) 
                 }
                 endpoints.sort_by_key(|e| e.addr);
                 let vip_addr = SocketAddr::new(*vip, port);
+                // A local file refuses this (parse); from the workload API,
+                // where resources arrive one by one, the later service in
+                // key order wins and the conflict is reported.
+                if let Some(prev) = out.get(&vip_addr) {
+                    warnings.push(format!(
+                        "service \"{}/{}\": field addresses: {vip_addr} is also captured by {}; this service takes it",
+                        s.namespace, s.name, prev.listener
+                    ));
+                }
                 out.insert(
                     vip_addr,
                     FlatService {

@@ -117,6 +117,27 @@ pub struct Workload {
     pub cluster_id: String,
     #[prost(message, optional, tag = "24")]
     pub locality: Option<Locality>,
+    #[prost(message, optional, tag = "23")]
+    pub application_tunnel: Option<ApplicationTunnel>,
+    /// `google.protobuf.UInt32Value`: the endpoint's relative weight.
+    #[prost(message, optional, tag = "27")]
+    pub capacity: Option<UInt32Value>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ApplicationTunnel {
+    /// 0 NONE, 1 PROXY.
+    #[prost(int32, tag = "1")]
+    pub protocol: i32,
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+}
+
+/// `google.protobuf.UInt32Value`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UInt32Value {
+    #[prost(uint32, tag = "1")]
+    pub value: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
