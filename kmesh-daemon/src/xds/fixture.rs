@@ -857,7 +857,7 @@ pub mod workload_api {
         Any {
             type_url: ADDRESS_TYPE.into(),
             value: proto::Address {
-                r#type: Some(proto::address::Type::Workload(w.clone())),
+                r#type: Some(proto::address::Type::Workload(Box::new(w.clone()))),
             }
             .encode_to_vec(),
         }

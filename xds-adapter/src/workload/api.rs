@@ -479,7 +479,7 @@ fn decode(type_url: &str, any_type: &str, bytes: &[u8]) -> Result<Checked<Held>,
             let a = proto::Address::decode(bytes).map_err(|e| format!("Address: {e}"))?;
             match a.r#type {
                 Some(proto::address::Type::Workload(w)) => {
-                    let c = Checked::<Workload>::try_from(w).map_err(errs)?;
+                    let c = Checked::<Workload>::try_from(*w).map_err(errs)?;
                     Ok(Checked {
                         value: Held::Workload(c.value),
                         warnings: c.warnings,
@@ -752,12 +752,15 @@ mod tests {
     fn delta_upserts_rejects_and_removes_by_name() {
         let mut st = WorkloadApiState::default();
         let good = any_bytes(&proto::Address {
-            r#type: Some(proto::address::Type::Workload(workload("a", [10, 0, 0, 1]))),
+            r#type: Some(proto::address::Type::Workload(Box::new(workload(
+                "a",
+                [10, 0, 0, 1],
+            )))),
         });
         let mut bad_w = workload("b", [10, 0, 0, 2]);
         bad_w.addresses = vec![vec![1]];
         let bad = any_bytes(&proto::Address {
-            r#type: Some(proto::address::Type::Workload(bad_w)),
+            r#type: Some(proto::address::Type::Workload(Box::new(bad_w))),
         });
         let out = st.apply_delta(
             ADDRESS_TYPE,

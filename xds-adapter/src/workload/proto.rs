@@ -20,8 +20,8 @@ pub struct Address {
 pub mod address {
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Type {
-        #[prost(message, tag = "1")]
-        Workload(super::Workload),
+        #[prost(message, boxed, tag = "1")]
+        Workload(Box<super::Workload>),
         #[prost(message, tag = "2")]
         Service(super::Service),
     }
