@@ -70,7 +70,7 @@ fn bad_config_is_rejected_with_resource_and_field_and_nothing_is_loaded() {
         .replace("port_value: 8080", "port_value: 70000"),
     );
     let out = Command::new(workspace_bin("kmesh-daemon"))
-        .arg("--config")
+        .args(["--mode", "kernel-native", "--config"])
         .arg(cfg)
         .arg("--bpf-fs-path")
         .arg(&bpffs.0)

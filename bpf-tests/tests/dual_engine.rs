@@ -215,3 +215,65 @@ fn a_missing_interface_fails_the_start_with_a_hint_and_leaves_nothing() {
     assert!(err.contains("--authz-interface names it"), "{err}");
     assert!(!bpffs.0.join("kmesh").exists(), "pins left behind");
 }
+
+#[test]
+fn without_flags_the_daemon_runs_dual_engine_with_empty_tables() {
+    bpf_tests::require_root();
+    let mut node = bpf_tests::Node::new("kdn", Path::new(TESTPOD)).unwrap();
+    let client = node.add_pod("client").unwrap();
+    let srv = node.add_pod("srv").unwrap();
+    node.serve(&srv, "srv", &[srv.addr4(8080)]).unwrap();
+    let bpffs = Bpffs::new("denone");
+    let admin: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    // No --mode, no --config, no --xds-address: only what isolates the
+    // test from the machine.
+    let log = bpffs.1.with_extension("log");
+    let mut child = std::process::Command::new(workspace_bin("kmesh-daemon"))
+        .arg("--enroll-netns")
+        .arg(&client.netns_path)
+        .arg("--cgroup2-path")
+        .arg(&node.cgroup)
+        .arg("--bpf-fs-path")
+        .arg(&bpffs.0)
+        .args([
+            "--admin-addr",
+            &admin.to_string(),
+            "--metrics-addr",
+            &metrics,
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while http_get(admin, "/debug/ready").map(|r| r.0) != Some(200) {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!(
+                "daemon exited ({s}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "daemon not ready in 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (code, body) = http_get(admin, "/debug/config_dump/dual-engine").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["workloads"].as_array().map(Vec::len), Some(0), "{body}");
+    assert_eq!(v["services"].as_array().map(Vec::len), Some(0), "{body}");
+    // Nothing routed, nothing denied: a direct connect goes through.
+    let r = node.connect(&client, srv.addr4(8080), 1).unwrap();
+    assert_eq!(r.count("srv"), 1, "{r:?}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("mode dual-engine: no --config and no --xds-address"),
+        "{text}"
+    );
+}

@@ -298,7 +298,7 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
     let err = std::fs::File::create(dir.join("daemon.err")).unwrap();
     scratch.children.push(
         Command::new(workspace_bin("kmesh-daemon"))
-            .arg("--config")
+            .args(["--mode", "kernel-native", "--config"])
             .arg(dir.join("mesh.yaml"))
             .arg("--enroll-netns")
             .arg(&client.netns_path)

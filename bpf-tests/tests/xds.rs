@@ -81,7 +81,7 @@ fn spawn_daemon(
     metrics: SocketAddr,
 ) -> std::process::Child {
     Command::new(workspace_bin("kmesh-daemon"))
-        .arg("--xds-address")
+        .args(["--mode", "kernel-native", "--xds-address"])
         .arg(uri)
         .arg("--enroll-netns")
         .arg(&client.netns_path)

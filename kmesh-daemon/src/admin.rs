@@ -7,7 +7,7 @@
 //! | `/debug/config_dump/kernel-native` | the config the daemon holds (with `xds`: resources and versions held, NACKs) |
 //! | `/debug/config_dump/bpf/kernel-native` | the same read back from the kernel maps |
 //! | `/accesslog`, `/monitoring`, `/authz`, `/debug/loggers` | see [`crate::telemetry::admin`] |
-//! | `/debug/config_dump/dual-engine` | dual-engine: workloads, services, policies as validated |
+//! | `/debug/config_dump/dual-engine` | dual-engine: workloads, services, policies as validated (with `xds` when from the workload API) |
 //! | `/debug/config_dump/bpf/dual-engine` | dual-engine: authorization maps and decision counters read back from the kernel |
 
 use std::{

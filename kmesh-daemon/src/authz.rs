@@ -101,6 +101,36 @@ pub enum AttachError {
     Dataplane(#[from] DataplaneError),
 }
 
+/// Policy id → `namespace/name`, shared by the tables' writer and the
+/// access log so that decisions are named after the policies in force
+/// when the config changes at run time.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyNames(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
+
+impl PolicyNames {
+    fn get(&self, id: usize) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn set(&self, names: &[String]) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = names.to_vec();
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl From<Vec<String>> for PolicyNames {
+    fn from(v: Vec<String>) -> Self {
+        PolicyNames(std::sync::Arc::new(std::sync::RwLock::new(v)))
+    }
+}
+
 pub struct Authz {
     workloads: HashMap<MapData, AzIp, AzWorkload>,
     identities: HashMap<MapData, AzIp, AzIdentity>,
@@ -111,7 +141,7 @@ pub struct Authz {
     stats: PerCpuArray<MapData, u64>,
     policy_stats: PerCpuArray<MapData, u64>,
     _progs: ProgramArray<MapData>,
-    policy_names: Vec<String>,
+    policy_names: PolicyNames,
     /// (netns path, interface, mode) the entry program is attached to.
     attached: Vec<(String, String, &'static str)>,
     /// Our pinned XDP links; dropping them closes our fds, the pins stay.
@@ -163,7 +193,7 @@ impl Authz {
             stats: take(ebpf, "KM_AZ_STATS")?,
             policy_stats: take(ebpf, "KM_AZ_POLICY_STATS")?,
             _progs: progs,
-            policy_names: Vec::new(),
+            policy_names: PolicyNames::default(),
             attached: Vec::new(),
             links: Vec::new(),
         })
@@ -207,7 +237,7 @@ impl Authz {
             .map(|(ip, w)| (xds_adapter::workload::az_ip(*ip), *w))
             .collect();
         sync_hash(&mut self.workloads, "KM_AZ_WORKLOAD", &wls)?;
-        self.policy_names = t.policy_names.clone();
+        self.policy_names.set(&t.policy_names);
         Ok(())
     }
 
@@ -385,10 +415,16 @@ impl Authz {
         crate::dataplane::counters(&self.stats, "KM_AZ_STATS", &STAT_NAMES)
     }
 
+    /// The policy names of the tables written, following later writes
+    /// (for [`AccessLog::take`]).
+    pub fn policy_names(&self) -> PolicyNames {
+        self.policy_names.clone()
+    }
+
     /// Per-policy decision counts (`namespace/name` → connections decided).
     pub fn policy_stats(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
         let mut out = BTreeMap::new();
-        for (i, name) in self.policy_names.iter().enumerate() {
+        for (i, name) in self.policy_names.all().iter().enumerate() {
             let v = self
                 .policy_stats
                 .get(&(i as u32), 0)
@@ -509,16 +545,26 @@ impl DecisionsByWorkload {
     }
 }
 
-/// `/debug/config_dump/dual-engine`: the validated local config.
+/// `/debug/config_dump/dual-engine`: the validated config (local file or
+/// workload API), with `xds` (resources held, versions, NACKs) when it
+/// comes from a control plane.
 pub async fn config_dump(
     axum::extract::State(s): axum::extract::State<std::sync::Arc<crate::admin::AdminState>>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
-    match de.as_ref() {
-        Some(de) => {
-            axum::Json(serde_json::to_value(&de.config).unwrap_or_default()).into_response()
-        }
+    let mut v = {
+        let de = s.dual_engine.lock().unwrap_or_else(|p| p.into_inner());
+        de.as_ref()
+            .map(|de| serde_json::to_value(&de.config).unwrap_or_default())
+    };
+    // With the workload API: what is held from it, versions and NACKs.
+    let xds = s.xds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let (Some(v), Some(xds)) = (v.as_mut(), xds) {
+        let status = xds.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        v["xds"] = serde_json::to_value(status).unwrap_or_default();
+    }
+    match v {
+        Some(v) => axum::Json(v).into_response(),
         None => (
             axum::http::StatusCode::NOT_FOUND,
             "not running in dual-engine mode\n",
@@ -579,17 +625,21 @@ impl std::fmt::Display for Decision {
 /// The decision events of the XDP program, for the access log.
 pub struct AccessLog {
     ring: aya::maps::RingBuf<MapData>,
-    policy_names: Vec<String>,
+    policy_names: PolicyNames,
     by_workload: Option<std::sync::Arc<DecisionsByWorkload>>,
 }
 
 impl AccessLog {
     /// Takes the event ring buffer out of the object; `policy_names`
-    /// (`AuthzTables::policy_names`) turn policy ids into names.
-    pub fn take(ebpf: &mut Ebpf, policy_names: Vec<String>) -> Result<Self, DataplaneError> {
+    /// (`AuthzTables::policy_names`, or [`Authz::policy_names`] to follow
+    /// config changes) turn policy ids into names.
+    pub fn take(
+        ebpf: &mut Ebpf,
+        policy_names: impl Into<PolicyNames>,
+    ) -> Result<Self, DataplaneError> {
         Ok(AccessLog {
             ring: take(ebpf, "KM_AZ_EVENTS")?,
-            policy_names,
+            policy_names: policy_names.into(),
             by_workload: None,
         })
     }
@@ -626,7 +676,7 @@ impl AccessLog {
                     _ => "no_policy",
                 },
                 policy: (ev.reason == kmesh_abi::authz::reason::POLICY)
-                    .then(|| self.policy_names.get(ev.policy_id as usize).cloned())
+                    .then(|| self.policy_names.get(ev.policy_id as usize))
                     .flatten(),
             });
         }

@@ -47,10 +47,11 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Dataplane mode: `kernel-native` (Envoy config, connect-time L4
-    /// routing) or `dual-engine` (ztunnel-style local config: workloads,
-    /// services and L4 authorization policies enforced by XDP).
-    #[arg(long, value_enum, env = "KMESH_MODE", default_value = "kernel-native")]
+    /// Dataplane mode: `dual-engine` (the Istio workload API or a
+    /// ztunnel-style local config: workloads, services and L4
+    /// authorization policies enforced by XDP) or `kernel-native` (Envoy
+    /// config, connect-time L4 routing).
+    #[arg(long, value_enum, env = "KMESH_MODE", default_value = "dual-engine")]
     mode: Mode,
 
     /// Static mesh config. kernel-native: an Envoy v3 bootstrap
@@ -113,6 +114,19 @@ struct RunArgs {
     /// This node's name (pods are watched with spec.nodeName=<name>).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+
+    /// dual-engine: this node's locality `region[/zone[/subzone]]`, what
+    /// locality-aware load balancing ranks service endpoints against.
+    #[arg(long, env = "KMESH_LOCALITY", default_value = "")]
+    locality: xds_adapter::workload::Locality,
+
+    /// dual-engine: this node's network (the workload API's `network`).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    network: String,
+
+    /// dual-engine: this node's cluster (the workload API's `cluster_id`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
 
     /// Where the host's /proc is mounted (to find pod network namespaces).
     #[arg(long, env = "KMESH_HOST_PROC", default_value = "/proc")]
@@ -322,11 +336,16 @@ fn uninstall(bpf_fs_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<()> {
-    if args.mode == Mode::DualEngine && args.config.is_none() {
-        bail!("--mode dual-engine needs --config <file> (a ztunnel-style local config); xDS for the workload API is not implemented in this version");
-    }
+    let dual_engine = args.mode == Mode::DualEngine;
+    let local_node = xds_adapter::workload::LocalNode {
+        locality: args.locality.clone(),
+        node: args.node_name.clone().unwrap_or_default(),
+        network: args.network.clone(),
+        cluster_id: args.cluster_id.clone(),
+    };
     let xds = match (&args.config, &args.xds_address) {
-        (None, None) => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
+        (None, None) if !dual_engine => bail!("no config: pass --config <file> (an Envoy bootstrap with static_resources) or --xds-address http://<control plane>:15010 (env XDS_ADDRESS)"),
+        (None, None) => None,
         (_, Some(addr)) => {
             // Refuse an unusable address before loading anything.
             let (_, tls) =
@@ -345,7 +364,8 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
                 addr.clone(),
                 kmesh_daemon::xds::NodeIdentity::from_env(),
             );
-            opts.delta = args.xds_delta;
+            // The workload API is served over delta ADS only.
+            opts.delta = args.xds_delta || dual_engine;
             opts.ca_cert = args.xds_ca_cert.clone();
             opts.tls_server_name = args.xds_tls_server_name.clone();
             opts.token_path = args.xds_token.clone().or_else(|| {
@@ -362,8 +382,9 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             let text = std::fs::read_to_string(config_path)
                 .with_context(|| format!("reading --config {}", config_path.display()))?;
             let rejected = |e| anyhow::anyhow!("config {} rejected:\n{e}", config_path.display());
-            let flat = if args.mode == Mode::DualEngine {
-                let de = xds_adapter::workload::compile_local_config(&text).map_err(rejected)?;
+            let flat = if dual_engine {
+                let de = xds_adapter::workload::compile_local_config_for(&text, &local_node)
+                    .map_err(rejected)?;
                 let flat = de.flat.clone();
                 dual = Some(de);
                 flat
@@ -378,12 +399,36 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             sys::release_freed_memory();
             flat
         }
+        // dual-engine: empty tables (no service is routed, no policy
+        // applies) until the control plane sends the workload API.
+        None if dual_engine => {
+            let de =
+                xds_adapter::workload::DualEngineConfig::compile(Default::default(), &local_node)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let flat = de.flat.clone();
+            dual = Some(de);
+            flat
+        }
         // The control plane fills the maps; until then connects are left alone.
         None => xds_adapter::FlatConfig {
             services: Default::default(),
             warnings: vec![],
         },
     };
+    if dual_engine {
+        tracing::info!(
+            locality = %format!("{}/{}/{}", local_node.locality.region, local_node.locality.zone, local_node.locality.subzone),
+            node = %local_node.node,
+            network = %local_node.network,
+            cluster = %local_node.cluster_id,
+            "mode dual-engine: {}",
+            match (&args.config, &args.xds_address) {
+                (Some(p), _) => format!("local config {}", p.display()),
+                (None, Some(a)) => format!("workload API (Address, Authorization) over delta ADS from {a}"),
+                (None, None) => "no --config and no --xds-address: tables are empty (nothing is routed or authorized) until a config is given".into(),
+            }
+        );
+    }
 
     sys::check_kernel()?;
     let cgroup = match &args.cgroup2_path {
@@ -505,9 +550,8 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         authz.write(&de.authz)?;
         let by_workload =
             std::sync::Arc::new(kmesh_daemon::authz::DecisionsByWorkload::new(&de.config));
-        let log =
-            kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), de.authz.policy_names.clone())?
-                .counting(by_workload.clone());
+        let log = kmesh_daemon::authz::AccessLog::take(dp.ebpf_mut(), authz.policy_names())?
+            .counting(by_workload.clone());
         tokio::spawn(log.run());
         for (path, _) in cookies.iter().chain(&waypoint_cookies) {
             let mode = authz.attach(dp.ebpf_mut(), path, &args.authz_interface, Some(&pins))?;
@@ -532,6 +576,19 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     *state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(flat);
     *state.dataplane.lock().unwrap_or_else(|p| p.into_inner()) = Some(dp);
     let _xds_task = match xds {
+        Some(opts) if dual_engine => {
+            let status = kmesh_daemon::xds::SharedStatus::default();
+            *state.xds.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+            tracing::info!(address = %opts.address, "subscribing to the workload API (Address, Authorization); ready after its first config");
+            Some(AbortOnDrop(tokio::spawn(kmesh_daemon::xds::workload::run(
+                opts,
+                local_node.clone(),
+                kmesh_daemon::xds::DataplaneSink {
+                    state: state.clone(),
+                },
+                status,
+            ))))
+        }
         Some(opts) => {
             let status = kmesh_daemon::xds::SharedStatus::default();
             *state.xds.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());

@@ -63,12 +63,12 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
 
-    step("starting kmesh-daemon on the embedded mesh (demo/mesh.yaml)");
+    step("starting kmesh-daemon --mode kernel-native on the embedded mesh (demo/mesh.yaml)");
     let cfg = std::env::temp_dir().join(format!("{}-mesh.yaml", node.name));
     std::fs::write(&cfg, MESH)?;
     let log = std::env::temp_dir().join(format!("{}-daemon.log", node.name));
     let mut daemon = Command::new(bin_dir().join("kmesh-daemon"))
-        .arg("--config")
+        .args(["--mode", "kernel-native", "--config"])
         .arg(&cfg)
         .arg("--enroll-netns")
         .arg(&client.netns_path)

@@ -217,7 +217,9 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts the daemon on `config`, enrolling `client`, attached to
-    /// `cgroup`, pinning under `bpffs`, and waits until it is ready.
+    /// `cgroup`, pinning under `bpffs`, and waits until it is ready. The
+    /// mode is `--mode kernel-native` (configs are Envoy bootstraps)
+    /// unless `extra` names one.
     pub fn start(
         config: &Path,
         client: &Pod,
@@ -240,7 +242,13 @@ impl Daemon {
     ) -> Daemon {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mode: &[&str] = if extra.contains(&"--mode") {
+            &[]
+        } else {
+            &["--mode", "kernel-native"]
+        };
         let child = Command::new(workspace_bin("kmesh-daemon"))
+            .args(mode)
             .arg("--config")
             .arg(config)
             .arg("--enroll-netns")

@@ -58,10 +58,11 @@ pub fn record_config_apply(ok: bool) {
     }
 }
 
-/// xDS responses by type (CDS, EDS, LDS, RDS) and result (ACK, NACK), and
-/// ADS streams opened, counted by the xDS client.
-static XDS_TYPES: [&str; 4] = ["CDS", "EDS", "LDS", "RDS"];
-static XDS_RESPONSES: [[AtomicU64; 2]; 4] = [const { [const { AtomicU64::new(0) }; 2] }; 4];
+/// xDS responses by type (CDS, EDS, LDS, RDS; the workload API's WDS =
+/// istio.workload.Address and AUTHZ = istio.security.Authorization) and
+/// result (ACK, NACK), and ADS streams opened, counted by the xDS clients.
+static XDS_TYPES: [&str; 6] = ["CDS", "EDS", "LDS", "RDS", "WDS", "AUTHZ"];
+static XDS_RESPONSES: [[AtomicU64; 2]; 6] = [const { [const { AtomicU64::new(0) }; 2] }; 6];
 static XDS_STREAMS: AtomicU64 = AtomicU64::new(0);
 
 /// Counts one xDS response of `type_short` ("CDS"…) for

@@ -182,7 +182,7 @@ pub struct XdsStatus {
 
 pub type SharedStatus = Arc<Mutex<XdsStatus>>;
 
-fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, XdsStatus> {
+pub(super) fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, XdsStatus> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -191,7 +191,7 @@ fn known_type(type_url: &str) -> Option<&'static str> {
     super::store::TYPES.into_iter().find(|t| *t == type_url)
 }
 
-fn mark_connected(status: &SharedStatus) {
+pub(super) fn mark_connected(status: &SharedStatus) {
     let mut s = lock(status);
     s.connected = true;
     s.last_error = None;
@@ -273,12 +273,7 @@ pub async fn run(opts: ClientOptions, mut sink: impl Sink, status: SharedStatus)
             Ok(()) => "the control plane closed the stream".to_string(),
             Err(e) => e,
         };
-        let cap = opts
-            .backoff_initial
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(opts.backoff_max);
-        // Uniform in [cap/2, cap].
-        let delay = cap / 2 + cap.mul_f64(next_f64(&mut rng) / 2.0);
+        let delay = backoff_delay(&opts, attempt, &mut rng);
         attempt = attempt.saturating_add(1);
         tracing::warn!(
             address = %opts.address,
@@ -294,7 +289,18 @@ pub async fn run(opts: ClientOptions, mut sink: impl Sink, status: SharedStatus)
     }
 }
 
-fn seed() -> u64 {
+/// The delay before reconnect attempt `attempt` (0, 1, …): exponential
+/// from `backoff_initial` up to `backoff_max`, uniform in its upper half.
+pub(super) fn backoff_delay(opts: &ClientOptions, attempt: u32, rng: &mut u64) -> Duration {
+    let cap = opts
+        .backoff_initial
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(opts.backoff_max);
+    // Uniform in [cap/2, cap].
+    cap / 2 + cap.mul_f64(next_f64(rng) / 2.0)
+}
+
+pub(super) fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -310,7 +316,7 @@ fn next_f64(s: &mut u64) -> f64 {
     (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn connect(
+pub(super) async fn connect(
     opts: &ClientOptions,
 ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, String> {
     let (uri, tls) = endpoint_uri(&opts.address)?;
@@ -346,7 +352,7 @@ async fn connect(
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
-fn with_token<T>(opts: &ClientOptions, body: T) -> Result<tonic::Request<T>, String> {
+pub(super) fn with_token<T>(opts: &ClientOptions, body: T) -> Result<tonic::Request<T>, String> {
     let mut req = tonic::Request::new(body);
     if let Some(p) = &opts.token_path {
         let tok = std::fs::read_to_string(p)
@@ -402,12 +408,8 @@ fn commit(
 }
 
 /// The NACK message: one line per rejected resource.
-fn nack_message(type_url: &str, rejected: &[Rejected]) -> String {
-    let mut m = format!(
-        "{}: {} resource(s) rejected",
-        short(type_url),
-        rejected.len()
-    );
+pub(super) fn nack_message(type_short: &str, rejected: &[Rejected]) -> String {
+    let mut m = format!("{type_short}: {} resource(s) rejected", rejected.len());
     for r in rejected {
         m.push_str(&format!("\n{:?}: {}", r.name, r.reason));
     }
@@ -520,7 +522,7 @@ pub fn accept(
     }
     let mut nack = None;
     if !outcome.rejected.is_empty() {
-        let m = nack_message(type_url, &outcome.rejected);
+        let m = nack_message(short(type_url), &outcome.rejected);
         tracing::warn!("xDS NACK: {m}");
         nack = Some(m);
     }
@@ -612,7 +614,7 @@ fn incremental(
     vips
 }
 
-fn rpc_status(message: String) -> RpcStatus {
+pub(super) fn rpc_status(message: String) -> RpcStatus {
     RpcStatus {
         code: INVALID_ARGUMENT,
         message,

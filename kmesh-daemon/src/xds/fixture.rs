@@ -751,3 +751,149 @@ pub mod resources {
         }
     }
 }
+
+/// Builders of workload API resources (`istio.workload.Address`,
+/// `istio.security.Authorization`) as Istiod sends them to an ambient
+/// node proxy, with the resource names Istiod uses (a workload's uid, a
+/// service's `namespace/hostname`, a policy's `namespace/name`).
+pub mod workload_api {
+    use std::net::IpAddr;
+
+    use envoy_types::pb::google::protobuf::Any;
+    use prost::Message;
+    use xds_adapter::workload::api::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+    use xds_adapter::workload::proto;
+
+    fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+        match ip {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        }
+    }
+
+    /// `Kubernetes//Pod/<ns>/<name>`, the uid Istiod gives a pod.
+    pub fn uid(namespace: &str, name: &str) -> String {
+        format!("Kubernetes//Pod/{namespace}/{name}")
+    }
+
+    /// A pod: `namespace/name`, service account `sa`, one address, member
+    /// of `services` (`namespace/hostname`, service port → target port).
+    pub fn workload(
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        ip: IpAddr,
+        services: &[(&str, u16, u16)],
+    ) -> proto::Workload {
+        let mut w = proto::Workload {
+            uid: uid(namespace, name),
+            name: name.into(),
+            namespace: namespace.into(),
+            addresses: vec![ip_bytes(ip)],
+            service_account: sa.into(),
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            ..Default::default()
+        };
+        for (svc, port, target) in services {
+            w.services
+                .entry(svc.to_string())
+                .or_default()
+                .ports
+                .push(proto::Port {
+                    service_port: u32::from(*port),
+                    target_port: u32::from(*target),
+                });
+        }
+        w
+    }
+
+    /// A service `namespace/name` with hostname `<name>.<namespace>.svc.cluster.local`.
+    pub fn service(
+        namespace: &str,
+        name: &str,
+        vip: IpAddr,
+        ports: &[(u16, u16)],
+    ) -> proto::Service {
+        proto::Service {
+            name: name.into(),
+            namespace: namespace.into(),
+            hostname: format!("{name}.{namespace}.svc.cluster.local"),
+            addresses: vec![proto::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(vip),
+            }],
+            ports: ports
+                .iter()
+                .map(|(p, t)| proto::Port {
+                    service_port: u32::from(*p),
+                    target_port: u32::from(*t),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// `namespace/hostname`: the service's resource name and the key
+    /// workloads use in `services`.
+    pub fn service_key(s: &proto::Service) -> String {
+        format!("{}/{}", s.namespace, s.hostname)
+    }
+
+    /// A namespace-scoped DENY policy matching the given source principals.
+    pub fn deny_principals(
+        namespace: &str,
+        name: &str,
+        principals: &[&str],
+    ) -> proto::Authorization {
+        proto::Authorization {
+            name: name.into(),
+            namespace: namespace.into(),
+            scope: 1,
+            action: 1,
+            rules: vec![proto::Rule {
+                clauses: vec![proto::Clause {
+                    matches: vec![proto::Match {
+                        principals: principals
+                            .iter()
+                            .map(|p| proto::StringMatch {
+                                match_type: Some(proto::string_match::MatchType::Exact(
+                                    p.to_string(),
+                                )),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        }
+    }
+
+    pub fn workload_any(w: &proto::Workload) -> Any {
+        Any {
+            type_url: ADDRESS_TYPE.into(),
+            value: proto::Address {
+                r#type: Some(proto::address::Type::Workload(Box::new(w.clone()))),
+            }
+            .encode_to_vec(),
+        }
+    }
+
+    pub fn service_any(s: &proto::Service) -> Any {
+        Any {
+            type_url: ADDRESS_TYPE.into(),
+            value: proto::Address {
+                r#type: Some(proto::address::Type::Service(s.clone())),
+            }
+            .encode_to_vec(),
+        }
+    }
+
+    pub fn policy_any(p: &proto::Authorization) -> Any {
+        Any {
+            type_url: AUTHORIZATION_TYPE.into(),
+            value: p.encode_to_vec(),
+        }
+    }
+}

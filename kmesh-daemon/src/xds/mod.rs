@@ -8,12 +8,15 @@
 //!   order, ACK/NACK, reconnect with backoff;
 //! - [`store`]: the held resources, per-resource checks, removal rules;
 //! - [`node`]: the Istio sidecar node id and metadata;
+//! - [`workload`]: the workload API client of dual-engine mode (delta
+//!   ADS for `istio.workload.Address` and `istio.security.Authorization`);
 //! - [`fixture`]: an in-process ADS server for tests.
 
 pub mod client;
 pub mod fixture;
 pub mod node;
 pub mod store;
+pub mod workload;
 
 use std::sync::Arc;
 
@@ -125,6 +128,44 @@ impl Sink for DataplaneSink {
                 cfg.warnings.clone_from(&compiled.flat.warnings);
             }
         }
+        Ok(())
+    }
+}
+
+impl workload::WorkloadSink for DataplaneSink {
+    /// Authorization first, then routing: a new endpoint is protected by
+    /// its policies before any connect is sent to it.
+    fn apply(&mut self, de: &xds_adapter::workload::DualEngineConfig) -> Result<(), String> {
+        {
+            let mut dual = self
+                .state
+                .dual_engine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let Some(dual) = dual.as_mut() else {
+                return Err("the authorization tables are not loaded".into());
+            };
+            dual.authz.write(&de.authz).map_err(|e| e.to_string())?;
+            dual.config = de.config.clone();
+        }
+        let mut dp = self
+            .state
+            .dataplane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(dp) = dp.as_mut() else {
+            return Err("the dataplane is not loaded".into());
+        };
+        let applied = dp.apply(&de.flat);
+        crate::telemetry::record_config_apply(applied.is_ok());
+        applied.map_err(|e| e.to_string())?;
+        if let Some(tel) = self.state.telemetry.get() {
+            tel.set_config(&de.flat);
+        }
+        *self.state.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(de.flat.clone());
+        self.state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

@@ -93,6 +93,33 @@ impl NodeIdentity {
     }
 }
 
+impl NodeIdentity {
+    /// `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`: the node type
+    /// Istiod serves the workload API (Address, Authorization) to.
+    pub fn ztunnel_node_id(&self) -> String {
+        format!(
+            "ztunnel~{}~{}.{}~{}.svc.cluster.local",
+            self.ip, self.pod, self.namespace, self.namespace
+        )
+    }
+
+    /// The `Node` of an ambient node proxy: the sidecar metadata plus
+    /// `NODE_NAME` (`node_name`), with the ztunnel node id.
+    pub fn to_ztunnel_node(&self, node_name: &str) -> Node {
+        let mut node = self.to_node();
+        node.id = self.ztunnel_node_id();
+        if let Some(meta) = node.metadata.as_mut() {
+            meta.fields.insert(
+                "NODE_NAME".into(),
+                Value {
+                    kind: Some(Kind::StringValue(node_name.to_string())),
+                },
+            );
+        }
+        node
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,10 @@ use kmesh_abi::authz::{
 };
 use kmesh_abi::{LB_RANDOM, LB_ROUND_ROBIN, MAX_SERVICES, MAX_SLOTS as MAX_LB_SLOTS};
 
-use super::{Action, Cidr, LbMode, LocalConfig, Match, Policy, Scope, StringMatch};
+use super::{
+    Action, Cidr, HealthPolicy, LbMode, LoadBalancing, LocalConfig, LocalNode, LocalityMode,
+    LocalityScope, Match, Policy, Scope, StringMatch, Workload,
+};
 use crate::{ConfigError, ConfigErrors, FlatConfig, FlatEndpoint, FlatService};
 
 /// The authorization maps' contents.
@@ -68,9 +71,12 @@ fn cidr_key(match_id: u32, kind: u32, c: &Cidr) -> (u32, AzCidr) {
 
 /// Compiles services and policies. Errors name the resource whose records
 /// do not fit the kernel maps.
-pub fn compile(cfg: &LocalConfig) -> Result<(FlatConfig, AuthzTables), ConfigErrors> {
+pub fn compile(
+    cfg: &LocalConfig,
+    node: &LocalNode,
+) -> Result<(FlatConfig, AuthzTables), ConfigErrors> {
     let mut errors = Vec::new();
-    let flat = services(cfg, &mut errors);
+    let flat = services(cfg, node, &mut errors);
     let authz = authz(cfg, &mut errors);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -78,20 +84,88 @@ pub fn compile(cfg: &LocalConfig) -> Result<(FlatConfig, AuthzTables), ConfigErr
     Ok((flat, authz))
 }
 
-fn services(cfg: &LocalConfig, errors: &mut Vec<ConfigError>) -> FlatConfig {
-    let mut out = BTreeMap::new();
+/// How well endpoint `w` matches this node under `lb` (ztunnel's rank):
+/// the number of leading `routing_preference` scopes that match, counting
+/// stops at the first that does not. `None`: excluded (STRICT and not
+/// every scope matches). When NETWORK is the first preference it
+/// dominates: an endpoint on this node's network outranks every endpoint
+/// off it, and for one off it the other scopes still count.
+pub fn locality_rank(lb: &LoadBalancing, node: &LocalNode, w: &Workload) -> Option<usize> {
+    let prefs = &lb.routing_preference;
+    let network_first = prefs.first() == Some(&LocalityScope::Network);
+    let (mut rank, mut bonus) = (0, 0);
+    for scope in prefs {
+        let matches = match scope {
+            LocalityScope::Region => node.locality.region == w.locality.region,
+            LocalityScope::Zone => node.locality.zone == w.locality.zone,
+            LocalityScope::Subzone => node.locality.subzone == w.locality.subzone,
+            LocalityScope::Node => node.node == w.node,
+            LocalityScope::Cluster => node.cluster_id == w.cluster_id,
+            LocalityScope::Network => {
+                let m = node.network == w.network;
+                if network_first {
+                    if !m {
+                        continue;
+                    }
+                    bonus = prefs.len() - 1;
+                }
+                m
+            }
+        };
+        if !matches {
+            break;
+        }
+        rank += 1;
+    }
+    if lb.mode == LocalityMode::Strict && rank != prefs.len() {
+        return None;
+    }
+    Some(rank + bonus)
+}
+
+fn services(cfg: &LocalConfig, node: &LocalNode, errors: &mut Vec<ConfigError>) -> FlatConfig {
+    let mut out: BTreeMap<SocketAddr, FlatService> = BTreeMap::new();
+    let mut warnings = cfg.warnings.clone();
     for s in &cfg.services {
         let key = s.key();
+        let allow_unhealthy = s
+            .load_balancing
+            .as_ref()
+            .is_some_and(|lb| lb.health_policy == HealthPolicy::AllowAll);
+        let locality = s
+            .load_balancing
+            .as_ref()
+            .filter(|lb| lb.mode != LocalityMode::Standard && !lb.routing_preference.is_empty());
+        if locality.is_some() && *node == LocalNode::default() {
+            warnings.push(format!(
+                "service \"{}/{}\": field loadBalancer.routingPreference: this node's locality, name, network and cluster are unknown (set --locality, NODE_NAME, --network, --cluster-id); endpoints are ranked against empty values",
+                s.namespace, s.name
+            ));
+        }
+        // (workload, its port map, its rank); rank 0 without locality.
         let members: Vec<_> = cfg
             .workloads
             .iter()
-            .filter(|w| w.healthy)
+            .filter(|w| w.healthy || allow_unhealthy)
             .filter_map(|w| w.services.get(&key).map(|p| (w, p)))
+            .filter_map(|(w, p)| match locality {
+                None => Some((w, p, 0)),
+                Some(lb) => locality_rank(lb, node, w).map(|r| (w, p, r)),
+            })
             .collect();
         for vip in &s.vips {
+            // The best rank among the endpoints of the VIP's family.
+            let best = members
+                .iter()
+                .filter(|(w, _, _)| w.ips.iter().any(|ip| ip.is_ipv4() == vip.is_ipv4()))
+                .map(|m| m.2)
+                .max();
             for (&port, &target) in &s.ports {
                 let mut endpoints = Vec::new();
-                for (w, wports) in &members {
+                for (w, wports, rank) in &members {
+                    if Some(*rank) != best {
+                        continue;
+                    }
                     // The workload's own port map wins; then the service's
                     // target port; 0 means "the service port".
                     let t = match wports.get(&port).copied().unwrap_or(target) {
@@ -109,6 +183,15 @@ fn services(cfg: &LocalConfig, errors: &mut Vec<ConfigError>) -> FlatConfig {
                 }
                 endpoints.sort_by_key(|e| e.addr);
                 let vip_addr = SocketAddr::new(*vip, port);
+                // A local file refuses this (parse); from the workload API,
+                // where resources arrive one by one, the later service in
+                // key order wins and the conflict is reported.
+                if let Some(prev) = out.get(&vip_addr) {
+                    warnings.push(format!(
+                        "service \"{}/{}\": field addresses: {vip_addr} is also captured by {}; this service takes it",
+                        s.namespace, s.name, prev.listener
+                    ));
+                }
                 out.insert(
                     vip_addr,
                     FlatService {
@@ -141,7 +224,7 @@ fn services(cfg: &LocalConfig, errors: &mut Vec<ConfigError>) -> FlatConfig {
     }
     FlatConfig {
         services: out,
-        warnings: cfg.warnings.clone(),
+        warnings,
     }
 }
 

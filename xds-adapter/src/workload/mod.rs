@@ -38,11 +38,13 @@
 //! the full policy denies; with no L4 part left it matches every
 //! connection). Both produce a warning naming the policy and field.
 
+pub mod api;
 mod compile;
 mod parse;
 mod waypoint;
+pub mod proto;
 
-pub use compile::{az_ip, compile, AuthzTables};
+pub use compile::{az_ip, compile, locality_rank, AuthzTables};
 pub use parse::parse_local_config;
 pub use waypoint::{waypoint_table, WaypointTable};
 
@@ -59,6 +61,9 @@ pub struct Workload {
     pub service_account: String,
     pub trust_domain: String,
     pub node: String,
+    pub network: String,
+    pub cluster_id: String,
+    pub locality: Locality,
     /// `status`: an Unhealthy workload is no service endpoint (its
     /// identity and policies still apply).
     pub healthy: bool,
@@ -122,6 +127,88 @@ pub struct Service {
     pub lb: LbMode,
     /// Connections to this service's VIPs go through this waypoint.
     pub waypoint: Option<Waypoint>,
+    /// Locality-aware endpoint selection (`loadBalancer` / the workload
+    /// API's `load_balancing`); `None`: every endpoint, healthy only.
+    pub load_balancing: Option<LoadBalancing>,
+}
+
+/// `region/zone/subzone` of a workload or of this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl std::str::FromStr for Locality {
+    type Err = String;
+
+    /// `region[/zone[/subzone]]`, as Istio writes a locality.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split('/').map(str::to_string);
+        let l = Locality {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+        };
+        if parts.next().is_some() {
+            return Err(format!(
+                "{s:?} has more than three parts (region/zone/subzone)"
+            ));
+        }
+        Ok(l)
+    }
+}
+
+/// Where the client side of every connect on this node is: what
+/// locality-aware load balancing compares endpoints with. All enrolled
+/// pods of a node share the connect maps, so the node stands for them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LocalNode {
+    pub locality: Locality,
+    /// The node name (`NODE_NAME`), compared with a workload's `node`.
+    pub node: String,
+    pub network: String,
+    pub cluster_id: String,
+}
+
+/// One scope of `routing_preference`, compared between this node and an
+/// endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum LocalityScope {
+    Network,
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+}
+
+/// How `routing_preference` restricts the endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum LocalityMode {
+    /// Locality is ignored (only the health policy applies).
+    Standard,
+    /// Only endpoints matching every preferred scope; none → connects to
+    /// the service are refused.
+    Strict,
+    /// The endpoints of the best rank present (rank: how many leading
+    /// scopes match).
+    Failover,
+}
+
+/// Whether unhealthy workloads are endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum HealthPolicy {
+    OnlyHealthy,
+    AllowAll,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoadBalancing {
+    pub routing_preference: Vec<LocalityScope>,
+    pub mode: LocalityMode,
+    pub health_policy: HealthPolicy,
 }
 
 impl Service {
@@ -173,6 +260,31 @@ impl StringMatch {
 pub struct Cidr {
     pub addr: IpAddr,
     pub len: u8,
+}
+
+impl Cidr {
+    /// `addr/len` with the host bits cleared.
+    pub fn new(addr: IpAddr, len: u8) -> Result<Cidr, String> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(format!("prefix length {len} is not 0-{max}"));
+        }
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Ok(Cidr { addr, len })
+    }
 }
 
 /// One match: every non-empty field must hold (AND); within a field, any
@@ -234,7 +346,7 @@ impl Policy {
 }
 
 /// The validated local config.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
@@ -254,15 +366,32 @@ pub struct DualEngineConfig {
     pub waypoints: WaypointTable,
 }
 
-/// Parses, validates and compiles a ztunnel-style local config document.
+/// Parses, validates and compiles a ztunnel-style local config document
+/// for a node without a known locality.
 pub fn compile_local_config(text: &str) -> Result<DualEngineConfig, ConfigErrors> {
-    let config = parse_local_config(text)?;
-    let (flat, authz) = compile(&config)?;
-    let waypoints = waypoint_table(&config)?;
-    Ok(DualEngineConfig {
-        config,
-        flat,
-        authz,
-        waypoints,
-    })
+    compile_local_config_for(text, &LocalNode::default())
+}
+
+/// [`compile_local_config`] for the node `node` (locality-aware load
+/// balancing compares endpoints with it).
+pub fn compile_local_config_for(
+    text: &str,
+    node: &LocalNode,
+) -> Result<DualEngineConfig, ConfigErrors> {
+    DualEngineConfig::compile(parse_local_config(text)?, node)
+}
+
+impl DualEngineConfig {
+    /// Compiles a validated config (from the local file or the workload
+    /// API) for the node `node`.
+    pub fn compile(config: LocalConfig, node: &LocalNode) -> Result<Self, ConfigErrors> {
+        let (flat, authz) = compile(&config, node)?;
+        let waypoints = waypoint_table(&config)?;
+        Ok(DualEngineConfig {
+            config,
+            flat,
+            authz,
+            waypoints,
+        })
+    }
 }

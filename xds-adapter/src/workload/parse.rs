@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use serde_yaml::{Mapping, Value};
 
 use super::{
-    Action, Cidr, LbMode, LocalConfig, Match, Policy, Scope, Service, StringMatch, Waypoint,
-    WaypointDestination, Workload,
+    Action, Cidr, HealthPolicy, LbMode, LoadBalancing, LocalConfig, Locality, LocalityMode,
+    LocalityScope, Match, Policy, Scope, Service, StringMatch, Waypoint, WaypointDestination,
+    Workload,
 };
 use crate::{ConfigError, ConfigErrors};
 
@@ -17,13 +18,10 @@ use crate::{ConfigError, ConfigErrors};
 /// accepted so a ztunnel file loads unchanged.
 const WORKLOAD_IGNORED: &[&str] = &[
     "uid",
-    "network",
     "workloadName",
     "workloadType",
     "canonicalName",
     "canonicalRevision",
-    "clusterId",
-    "locality",
     "protocol",
     "networkMode",
     "nativeTunnel",
@@ -32,7 +30,7 @@ const WORKLOAD_IGNORED: &[&str] = &[
     "hostname",
     "capacity",
 ];
-const SERVICE_IGNORED: &[&str] = &["subjectAltNames", "loadBalancer", "ipFamilies", "endpoints"];
+const SERVICE_IGNORED: &[&str] = &["subjectAltNames", "ipFamilies", "endpoints"];
 /// L7 attributes of Istio AuthorizationPolicy an L4 engine cannot check.
 const L7_FIELDS: &[&str] = &[
     "requestPrincipals",
@@ -252,6 +250,9 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
             "authorizationPolicies",
             "status",
             "waypoint",
+            "network",
+            "clusterId",
+            "locality",
         ],
         WORKLOAD_IGNORED,
     );
@@ -266,6 +267,38 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
         trust_domain = "cluster.local".into();
     }
     let node = str_field(c, &res, m, "node", false);
+    let network = str_field(c, &res, m, "network", false);
+    let cluster_id = str_field(c, &res, m, "clusterId", false);
+    let locality = match m.get("locality") {
+        None | Some(Value::Null) => Locality::default(),
+        Some(Value::Mapping(lm)) => {
+            check_keys(c, &res, "locality", lm, &["region", "zone", "subzone"], &[]);
+            let mut f = |k: &str| match lm.get(k) {
+                None | Some(Value::Null) => String::new(),
+                Some(v) => as_str(v).unwrap_or_else(|| {
+                    c.err(&res, &format!("locality.{k}"), "must be a string");
+                    String::new()
+                }),
+            };
+            Locality {
+                region: f("region"),
+                zone: f("zone"),
+                subzone: f("subzone"),
+            }
+        }
+        Some(Value::String(s)) => s.parse().unwrap_or_else(|e| {
+            c.err(&res, "locality", e);
+            Locality::default()
+        }),
+        Some(_) => {
+            c.err(
+                &res,
+                "locality",
+                "must be {region, zone, subzone} or \"region/zone/subzone\"",
+            );
+            Locality::default()
+        }
+    };
     let healthy = match str_field(c, &res, m, "status", false).as_str() {
         "" | "Healthy" | "HEALTHY" => true,
         "Unhealthy" | "UNHEALTHY" => false,
@@ -349,6 +382,9 @@ fn workload(c: &mut Ctx, i: usize, v: &Value) -> Option<Workload> {
         service_account,
         trust_domain,
         node,
+        network,
+        cluster_id,
+        locality,
         healthy,
         ips,
         services,
@@ -377,6 +413,7 @@ fn service(c: &mut Ctx, i: usize, v: &Value) -> Option<Service> {
             "ports",
             "lbPolicy",
             "waypoint",
+            "loadBalancer",
         ],
         SERVICE_IGNORED,
     );
@@ -415,16 +452,18 @@ fn service(c: &mut Ctx, i: usize, v: &Value) -> Option<Service> {
             LbMode::Random
         }
     };
-    if let Some(Value::Mapping(lbm)) = m.get("loadBalancer") {
-        if lbm
-            .get("routingPreference")
-            .is_some_and(|v| v.as_sequence().is_some_and(|s| !s.is_empty()))
-        {
-            c.warnings.push(format!(
-                "{res}: field loadBalancer.routingPreference: locality-aware load balancing is not implemented; endpoints are picked regardless of locality"
-            ));
+    let load_balancing = match m.get("loadBalancer") {
+        None | Some(Value::Null) => None,
+        Some(Value::Mapping(lbm)) => Some(load_balancer(c, &res, lbm)),
+        Some(_) => {
+            c.err(
+                &res,
+                "loadBalancer",
+                "must be {routingPreferences, mode, healthPolicy}",
+            );
+            None
         }
-    }
+    };
     let waypoint = waypoint(c, &res, m.get("waypoint"));
     (c.errors.len() == before).then_some(Service {
         name,
@@ -434,6 +473,7 @@ fn service(c: &mut Ctx, i: usize, v: &Value) -> Option<Service> {
         ports,
         lb,
         waypoint,
+        load_balancing,
     })
 }
 
@@ -549,6 +589,98 @@ fn waypoint(c: &mut Ctx, res: &str, v: Option<&Value>) -> Option<Waypoint> {
     Some(Waypoint {
         destination: destination?,
         port: port?,
+    })
+}
+
+/// ztunnel's `loadBalancer` (`routingPreferences` or the proto's
+/// `routingPreference`, `mode`, `healthPolicy`); enum values in ztunnel's
+/// spelling (`Failover`) or the proto's (`FAILOVER`).
+fn load_balancer(c: &mut Ctx, res: &str, m: &Mapping) -> LoadBalancing {
+    check_keys(
+        c,
+        res,
+        "loadBalancer",
+        m,
+        &[
+            "routingPreferences",
+            "routingPreference",
+            "mode",
+            "healthPolicy",
+        ],
+        &[],
+    );
+    let field = if m.contains_key("routingPreferences") {
+        "routingPreferences"
+    } else {
+        "routingPreference"
+    };
+    let mut routing_preference = Vec::new();
+    for (j, v) in list(c, res, &format!("loadBalancer.{field}"), m.get(field))
+        .iter()
+        .enumerate()
+    {
+        match as_str(v).as_deref().and_then(locality_scope) {
+            Some(s) => routing_preference.push(s),
+            None => c.err(
+                res,
+                &format!("loadBalancer.{field}[{j}]"),
+                format!(
+                    "{} is not Network, Region, Zone, Subzone, Node or Cluster",
+                    key_str(v)
+                ),
+            ),
+        }
+    }
+    let mode = match m.get("mode").and_then(as_str).as_deref() {
+        None | Some("Standard") | Some("UNSPECIFIED_MODE") => LocalityMode::Standard,
+        Some("Strict") | Some("STRICT") => LocalityMode::Strict,
+        Some("Failover") | Some("FAILOVER") => LocalityMode::Failover,
+        Some("Passthrough") | Some("PASSTHROUGH") => {
+            c.err(
+                res,
+                "loadBalancer.mode",
+                "Passthrough (send to the original destination, no service load balancing) is not supported by the kernel engine",
+            );
+            LocalityMode::Standard
+        }
+        Some(other) => {
+            c.err(
+                res,
+                "loadBalancer.mode",
+                format!("{other:?} is not Standard, Strict or Failover"),
+            );
+            LocalityMode::Standard
+        }
+    };
+    let health_policy = match m.get("healthPolicy").and_then(as_str).as_deref() {
+        None | Some("OnlyHealthy") | Some("ONLY_HEALTHY") => HealthPolicy::OnlyHealthy,
+        Some("AllowAll") | Some("ALLOW_ALL") => HealthPolicy::AllowAll,
+        Some(other) => {
+            c.err(
+                res,
+                "loadBalancer.healthPolicy",
+                format!("{other:?} is not OnlyHealthy or AllowAll"),
+            );
+            HealthPolicy::OnlyHealthy
+        }
+    };
+    LoadBalancing {
+        routing_preference,
+        mode,
+        health_policy,
+    }
+}
+
+/// A `routing_preference` scope in ztunnel's or the proto's spelling.
+fn locality_scope(s: &str) -> Option<LocalityScope> {
+    Some(match s {
+        "Network" | "NETWORK" => LocalityScope::Network,
+        "Region" | "REGION" => LocalityScope::Region,
+        "Zone" | "ZONE" => LocalityScope::Zone,
+        "Subzone" | "SUBZONE" => LocalityScope::Subzone,
+        "Node" | "NODE" => LocalityScope::Node,
+        "Cluster" | "CLUSTER" => LocalityScope::Cluster,
+        _ => return None,
     })
 }
 
@@ -677,21 +809,7 @@ pub(crate) fn parse_cidr(s: &str) -> Result<Cidr, String> {
             .filter(|l| *l <= max)
             .ok_or_else(|| format!("{s:?}: prefix length {l:?} is not 0-{max}"))?,
     };
-    let addr = match addr {
-        IpAddr::V4(a) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    };
-    Ok(Cidr { addr, len })
+    Cidr::new(addr, len).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_match(c: &mut Ctx, res: &str, f: &str, v: &Value, action: Action) -> Match {

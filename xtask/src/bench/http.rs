@@ -612,7 +612,7 @@ impl Bed {
         let proc = Proc::spawn(
             "kmesh-daemon",
             Command::new(self.rel.join("kmesh-daemon"))
-                .arg("--config")
+                .args(["--mode", "kernel-native", "--config"])
                 .arg(&cfg)
                 .arg("--enroll-netns")
                 .arg(&self.client.netns_path)
