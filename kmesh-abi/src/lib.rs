@@ -248,6 +248,7 @@ pub mod stats {
 }
 
 pub mod authz;
+pub mod l7;
 
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]

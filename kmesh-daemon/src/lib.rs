@@ -14,6 +14,7 @@ pub mod admin;
 pub mod authz;
 pub mod dataplane;
 pub mod enroll;
+pub mod l7;
 pub mod logging;
 pub mod netns;
 pub mod sys;

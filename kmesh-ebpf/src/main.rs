@@ -13,6 +13,8 @@
 #![no_main]
 
 mod sockops;
+/// HTTP/1.1 routing decided in the kernel (sk_msg), served by the connector.
+mod l7;
 /// Dual-engine L4 authorization (XDP + tail calls).
 mod authz;
 
@@ -199,6 +201,9 @@ fn pick_backend(ctx: &SockAddrContext, dst: &SockAddr) -> Decision {
         return Decision::Untouched;
     }
     count(stats::CONNECT_ENROLLED);
+    if let Some(connector) = l7::steer(ctx, dst) {
+        return Decision::Backend(connector);
+    }
     // SAFETY: userspace replaces service values whole with one update; a
     // torn read is impossible for a hash map element (RCU-replaced).
     let svc = match unsafe { KM_SERVICE.get(dst) } {

@@ -76,7 +76,10 @@ fn count(index: u32) {
 #[sock_ops]
 pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, DIR_OUTBOUND),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            crate::l7::on_established(&ctx);
+            on_established(&ctx, DIR_OUTBOUND)
+        }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, DIR_INBOUND),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB => on_segment(&ctx),

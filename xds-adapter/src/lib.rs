@@ -29,6 +29,7 @@ mod decode;
 mod error;
 mod flatten;
 mod http;
+pub mod l7;
 mod mesh;
 pub mod model;
 mod parse;

@@ -15,6 +15,9 @@
 //! - `hold ADDR COUNT`: opens COUNT connections, prints their backends as a
 //!   JSON line, then for every line `check` on stdin sends a probe on each
 //!   connection and prints how many echoed it back; ends on EOF.
+//! - `send ADDR`: one connection to ADDR; every stdin line is a JSON string
+//!   written in one write(); then one line is read back from the peer and
+//!   printed. Ends on EOF.
 //! - `http ADDR...`: a minimal HTTP/1.1 server for benchmarks: every
 //!   request gets `200 ok` (2-byte body); keep-alive unless the request
 //!   says `Connection: close`. One thread per connection (64 KiB stacks),
@@ -66,6 +69,7 @@ fn main() {
             connect(parse_addr(&args[1]), usize::MAX, Some(until))
         }
         Some("http") if args.len() >= 2 => http(&args[1..]),
+        Some("send") if args.len() == 2 => send(parse_addr(&args[1])),
         _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR..."),
     }
 }
@@ -242,6 +246,24 @@ fn hold(addr: SocketAddr, count: usize) {
             }
         }
         println!("{}", serde_json::json!({ "echoed": ok, "of": conns.len() }));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn send(addr: SocketAddr) {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
+    let mut r = BufReader::new(s.try_clone().unwrap_or_else(|e| die(&format!("{e}"))));
+    let mut w = s;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap_or_else(|e| die(&format!("stdin: {e}")));
+        let bytes: String =
+            serde_json::from_str(&line).unwrap_or_else(|e| die(&format!("bad line {line:?}: {e}")));
+        w.write_all(bytes.as_bytes())
+            .unwrap_or_else(|e| die(&format!("write: {e}")));
+        let mut answer = String::new();
+        r.read_line(&mut answer)
+            .unwrap_or_else(|e| die(&format!("read: {e}")));
+        println!("{}", answer.trim_end());
         let _ = std::io::stdout().flush();
     }
 }
