@@ -73,6 +73,9 @@ fn table() -> L7Table {
     }
 }
 
+/// (target, headers, expected cluster or None for 404).
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<&'a str>);
+
 const CLUSTERS: [&str; 6] = ["v1", "v2", "api", "health", "static", "other"];
 
 fn cluster_id(name: &str) -> u32 {
@@ -148,7 +151,7 @@ fn kernel_decides_each_request_on_a_kept_alive_connection_like_the_matcher() {
     };
 
     // (target, headers, expected cluster or None for 404)
-    let cases: Vec<(&str, Vec<(&str, &str)>, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "/",
             vec![("Host", "reviews"), ("end-user", "jason")],

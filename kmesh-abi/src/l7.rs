@@ -258,8 +258,8 @@ mod tests {
         assert_eq!(size_of::<L7Group>(), 8 + 8 * MAX_L7_GROUP_CLUSTERS);
         assert_eq!(size_of::<L7Conn>(), 40);
         assert_eq!(offset_of!(L7Conn, target_hash), 32);
-        assert!(MAX_L7_HEAD.is_power_of_two());
-        assert!(MAX_L7_MATCH < 128);
+        const { assert!(MAX_L7_HEAD.is_power_of_two()) };
+        const { assert!(MAX_L7_MATCH < 128) };
     }
 
     #[test]

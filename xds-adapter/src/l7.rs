@@ -135,7 +135,7 @@ impl L7Table {
             }
             best.map(|b| b.0)
         };
-        find(&|d| (d == &host).then_some(d.len()))
+        find(&|d| (d == host).then_some(d.len()))
             .or_else(|| {
                 find(&|d| {
                     let s = d.strip_prefix('*')?;
