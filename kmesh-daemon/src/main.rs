@@ -307,6 +307,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         // The control plane fills the maps; until then connects are left alone.
         None => xds_adapter::FlatConfig {
             services: Default::default(),
+            l7: Vec::new(),
             warnings: vec![],
         },
     };

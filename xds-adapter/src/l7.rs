@@ -95,6 +95,14 @@ pub struct L7Table {
     pub vhosts: Vec<L7Vhost>,
 }
 
+/// An HTTP listener on a VIP whose routes are decided per request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct L7Listener {
+    pub name: String,
+    pub address: std::net::SocketAddr,
+    pub table: L7Table,
+}
+
 /// A request as the matcher needs it.
 #[derive(Debug, Clone, Default)]
 pub struct Request<'a> {

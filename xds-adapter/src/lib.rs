@@ -30,6 +30,7 @@ mod error;
 mod flatten;
 mod http;
 pub mod l7;
+mod l7route;
 mod mesh;
 pub mod model;
 mod parse;
@@ -43,7 +44,7 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use flatten::{flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatService};
+pub use flatten::{flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatL7, FlatService};
 pub use mesh::MeshConfig;
 pub use xds::{
     check_cluster, check_listener, check_load_assignment, check_route_config, compile_lenient,

@@ -13,7 +13,7 @@ use crate::model::{
     self, cla_label, cluster_label, convert_cluster, convert_listener, listener_label, HttpRoutes,
     ListenerKind, TcpRoute,
 };
-use crate::{ResourceRefs, Resources};
+use crate::{l7route, ResourceRefs, Resources};
 
 /// The validated configuration: listeners with their routes, and the
 /// clusters they use.
@@ -21,6 +21,10 @@ use crate::{ResourceRefs, Resources};
 pub struct MeshConfig {
     /// In configuration order.
     pub listeners: Vec<model::Listener>,
+    /// HTTP listeners on a VIP whose routes depend on the request: decided
+    /// per request (sk_msg + connector).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub l7: Vec<crate::l7::L7Listener>,
     /// By cluster name.
     pub clusters: BTreeMap<String, model::Cluster>,
     /// Things that are accepted but not (fully) honoured, e.g. fields the
@@ -128,6 +132,7 @@ impl MeshConfig {
         }
 
         let mut listeners = Vec::new();
+        let mut l7 = Vec::new();
         let mut names = BTreeSet::new();
         let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
         let mut used = BTreeSet::new();
@@ -221,10 +226,31 @@ impl MeshConfig {
                         match vhost_for_vip(conv.address, vhosts) {
                             Some(i) => match &vhosts[i].outcome {
                                 Ok((route, refs)) => candidates.push((conv.address, route.clone(), refs.clone(), rc_res.clone())),
-                                Err(why) => d.warn(&res, "", format!(
-                                    "{}: not installed, connects to {} are left alone: {why}",
-                                    via(&vhosts[i]), conv.address
-                                )),
+                                Err(why) => {
+                                    // Decided per request instead, when the
+                                    // kernel tables can express the routes.
+                                    let (rc, rc_path) = match &src {
+                                        HttpRoutes::Inline(rc, path) => (&**rc, path.as_str()),
+                                        HttpRoutes::Rds(name) => (rds[name.as_str()], ""),
+                                    };
+                                    match l7route::l7_table(rc, &rc_res, rc_path) {
+                                        Ok((table, refs)) => {
+                                            let missing: Vec<&String> = refs.iter().map(|r| &r.0).filter(|c| !clusters.contains_key(*c)).collect();
+                                            used.extend(refs.iter().map(|r| r.0.clone()));
+                                            if let Some(c) = missing.first() {
+                                                d.error(&rc_res, &refs.iter().find(|r| &r.0 == *c).map(|r| r.1.clone()).unwrap_or_default(), format!("cluster {c:?} is not defined; {} not installed", conv.address));
+                                            } else if let Some(other) = addrs.insert(conv.address, l.name.clone()) {
+                                                d.error(&res, "address", format!("{} is already captured by listener {other:?}", conv.address));
+                                            } else {
+                                                l7.push(crate::l7::L7Listener { name: l.name.clone(), address: conv.address, table });
+                                            }
+                                        }
+                                        Err((field, msg)) => d.warn(&res, "", format!(
+                                            "{}: not installed, connects to {} are left alone: {why}; and it cannot be decided per request: {rc_res} {field}: {msg}",
+                                            via(&vhosts[i]), conv.address
+                                        )),
+                                    }
+                                }
                             },
                             None => d.warn(&res, "", format!(
                                 "no virtual host of {rc_res} matches {} (by IP domain or \"*\"); not installed",
@@ -294,6 +320,7 @@ impl MeshConfig {
         (
             MeshConfig {
                 listeners,
+                l7,
                 clusters,
                 warnings: d.warnings,
             },

@@ -138,6 +138,7 @@ fn services(cfg: &LocalConfig, errors: &mut Vec<ConfigError>) -> FlatConfig {
     }
     FlatConfig {
         services: out,
+        l7: Vec::new(),
         warnings: cfg.warnings.clone(),
     }
 }
