@@ -223,39 +223,45 @@ impl MeshConfig {
                             ));
                         }
                     } else {
-                        match vhost_for_vip(conv.address, vhosts) {
-                            Some(i) => match &vhosts[i].outcome {
-                                Ok((route, refs)) => candidates.push((conv.address, route.clone(), refs.clone(), rc_res.clone())),
-                                Err(why) => {
-                                    // Decided per request instead, when the
-                                    // kernel tables can express the routes.
-                                    let (rc, rc_path) = match &src {
-                                        HttpRoutes::Inline(rc, path) => (&**rc, path.as_str()),
-                                        HttpRoutes::Rds(name) => (rds[name.as_str()], ""),
-                                    };
-                                    match l7route::l7_table(rc, &rc_res, rc_path) {
-                                        Ok((table, refs)) => {
-                                            let missing: Vec<&String> = refs.iter().map(|r| &r.0).filter(|c| !clusters.contains_key(*c)).collect();
-                                            used.extend(refs.iter().map(|r| r.0.clone()));
-                                            if let Some(c) = missing.first() {
-                                                d.error(&rc_res, &refs.iter().find(|r| &r.0 == *c).map(|r| r.1.clone()).unwrap_or_default(), format!("cluster {c:?} is not defined; {} not installed", conv.address));
-                                            } else if let Some(other) = addrs.insert(conv.address, l.name.clone()) {
-                                                d.error(&res, "address", format!("{} is already captured by listener {other:?}", conv.address));
-                                            } else {
-                                                l7.push(crate::l7::L7Listener { name: l.name.clone(), address: conv.address, table });
-                                            }
-                                        }
-                                        Err((field, msg)) => d.warn(&res, "", format!(
-                                            "{}: not installed, connects to {} are left alone: {why}; and it cannot be decided per request: {rc_res} {field}: {msg}",
-                                            via(&vhosts[i]), conv.address
-                                        )),
-                                    }
-                                }
-                            },
-                            None => d.warn(&res, "", format!(
+                        let picked = vhost_for_vip(conv.address, vhosts);
+                        let why = match picked.map(|i| (&vhosts[i], &vhosts[i].outcome)) {
+                            Some((_, Ok((route, refs)))) => {
+                                candidates.push((conv.address, route.clone(), refs.clone(), rc_res.clone()));
+                                None
+                            }
+                            Some((vh, Err(why))) => Some(format!("{}: {why}", via(vh))),
+                            None => Some(format!("no virtual host of {rc_res} matches {} by IP domain or \"*\"", conv.address)),
+                        };
+                        if vhosts.is_empty() {
+                            d.warn(&res, "", format!(
                                 "no virtual host of {rc_res} matches {} (by IP domain or \"*\"); not installed",
                                 conv.address
-                            )),
+                            ));
+                        } else if let Some(why) = why {
+                            // Decided per request instead, when the kernel
+                            // tables can express the routes.
+                            let (rc, rc_path) = match &src {
+                                HttpRoutes::Inline(rc, path) => (&**rc, path.as_str()),
+                                HttpRoutes::Rds(name) => (rds[name.as_str()], ""),
+                            };
+                            match l7route::l7_table(rc, &rc_res, rc_path) {
+                                Ok((table, refs)) => {
+                                    used.extend(refs.iter().map(|r| r.0.clone()));
+                                    if let Some((c, path)) = refs.iter().find(|r| !clusters.contains_key(&r.0)) {
+                                        if !failed.contains(c.as_str()) || lenient {
+                                            d.error(&rc_res, path, format!("cluster {c:?} is not defined or not usable; {} not installed", conv.address));
+                                        }
+                                    } else if let Some(other) = addrs.insert(conv.address, l.name.clone()) {
+                                        d.error(&res, "address", format!("{} is already captured by listener {other:?}", conv.address));
+                                    } else {
+                                        l7.push(crate::l7::L7Listener { name: l.name.clone(), address: conv.address, table });
+                                    }
+                                }
+                                Err((field, msg)) => d.warn(&res, "", format!(
+                                    "not installed, connects to {} are left alone: {why}; and it cannot be decided per request: {rc_res} {field}: {msg}",
+                                    conv.address
+                                )),
+                            }
                         }
                     }
                 }

@@ -22,6 +22,10 @@
 //!   request gets `200 ok` (2-byte body); keep-alive unless the request
 //!   says `Connection: close`. One thread per connection (64 KiB stacks),
 //!   so 1,000+ concurrent connections cost memory, not CPU.
+//! - `http-named NAME ADDR...`: the same server answering with body NAME.
+//! - `http-client ADDR`: one kept-alive connection; every stdin line is a
+//!   JSON string sent as one write, then one response is read and printed
+//!   as a JSON line (status, body, peer = getpeername()).
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -68,9 +72,13 @@ fn main() {
             let until = std::time::Instant::now() + Duration::from_millis(parse_count(&args[2]) as u64);
             connect(parse_addr(&args[1]), usize::MAX, Some(until))
         }
-        Some("http") if args.len() >= 2 => http(&args[1..]),
+        Some("http") if args.len() >= 2 => http("ok", &args[1..]),
+        Some("http-named") if args.len() >= 3 => {
+            http(Box::leak(args[1].clone().into_boxed_str()), &args[2..])
+        }
+        Some("http-client") if args.len() == 2 => http_client(parse_addr(&args[1])),
         Some("send") if args.len() == 2 => send(parse_addr(&args[1])),
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR..."),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR... | http-named NAME ADDR... | http-client ADDR"),
     }
 }
 
@@ -268,7 +276,54 @@ fn send(addr: SocketAddr) {
     }
 }
 
-fn http(addrs: &[String]) {
+/// One kept-alive connection to `addr`; every stdin line is a JSON string
+/// (a request) written in one write(), then one response is read
+/// (Content-Length framed, or until close) and printed as
+/// `{"status":N,"body":"..","peer":"ip:port","closed":bool}`; status 0 when
+/// the connection closed without an answer.
+fn http_client(addr: SocketAddr) {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut r = BufReader::new(s.try_clone().unwrap_or_else(|e| die(&format!("{e}"))));
+    let mut w = s;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap_or_else(|e| die(&format!("stdin: {e}")));
+        let bytes: String =
+            serde_json::from_str(&line).unwrap_or_else(|e| die(&format!("bad line {line:?}: {e}")));
+        let _ = w.write_all(bytes.as_bytes());
+        let (mut status, mut len, mut closed) = (0u16, None, false);
+        let mut head = String::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l).unwrap_or(0) == 0 {
+                closed = true;
+                break;
+            }
+            if head.is_empty() {
+                status = l.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            }
+            head.push_str(&l);
+            let lower = l.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse::<usize>().ok();
+            }
+            if l == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len.unwrap_or(0)];
+        if !closed && r.read_exact(&mut body).is_err() {
+            closed = true;
+        }
+        println!(
+            "{}",
+            serde_json::json!({"status": status, "body": String::from_utf8_lossy(&body), "peer": peer, "closed": closed, "head": head})
+        );
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn http(body: &'static str, addrs: &[String]) {
     let mut threads = Vec::new();
     for a in addrs {
         let addr = parse_addr(a);
@@ -288,7 +343,7 @@ fn http(addrs: &[String]) {
                 // A failed spawn (thread limit) drops this connection only.
                 let _ = std::thread::Builder::new()
                     .stack_size(64 * 1024)
-                    .spawn(move || http_conn(s));
+                    .spawn(move || http_conn(s, body));
             }
         }));
     }
@@ -302,10 +357,16 @@ fn http(addrs: &[String]) {
 /// Serves requests on one connection until the client closes it or asks
 /// for `Connection: close`. Requests are expected without a body (GET);
 /// pipelined requests are answered in order.
-fn http_conn(mut s: TcpStream) {
-    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
-    const OK_CLOSE: &[u8] =
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+fn http_conn(mut s: TcpStream, body: &str) {
+    let ok = |close: bool| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        )
+        .into_bytes()
+    };
+    let (keep, last) = (ok(false), ok(true));
     let _ = s.set_nodelay(true);
     let mut buf = vec![0u8; 8192];
     let mut have = 0;
@@ -313,7 +374,7 @@ fn http_conn(mut s: TcpStream) {
         // Answer every complete request head in the buffer.
         while let Some(end) = find_head_end(&buf[..have]) {
             let close = wants_close(&buf[..end]);
-            if s.write_all(if close { OK_CLOSE } else { OK }).is_err() || close {
+            if s.write_all(if close { &last } else { &keep }).is_err() || close {
                 return;
             }
             buf.copy_within(end..have, 0);
