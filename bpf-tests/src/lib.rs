@@ -312,6 +312,16 @@ impl Node {
         self.spawn_server(cmd)
     }
 
+    /// Starts an HTTP/1.1 server in `pod` on `addrs` whose answers carry
+    /// `name` as the body.
+    pub fn serve_http(&mut self, pod: &Pod, name: &str, addrs: &[SocketAddr]) -> io::Result<()> {
+        let mut cmd = self.testpod(&pod.netns_path, Some(&pod.cgroup));
+        cmd.arg("http-named")
+            .arg(name)
+            .args(addrs.iter().map(|a| a.to_string()));
+        self.spawn_server(cmd)
+    }
+
     /// Starts a server in the node namespace itself on `addrs`, adding
     /// their IPs to the node's loopback: whatever reaches a VIP without
     /// being rewritten by the kernel programs lands here, so a test can

@@ -3,7 +3,10 @@
 //! the node namespace (standing in for the connector), and every request
 //! head written on the kept-alive connection leaves a decision in
 //! `KM_L7_CONN`, which must equal what the string matcher of the same
-//! table (Envoy's semantics) decides.
+//! table (Envoy's semantics) decides. Then the daemon end to end (an Envoy
+//! bootstrap in, the connector relaying to server pods), and the same
+//! bootstrap served by real Envoy: both must send every request to the same
+//! cluster, and split 90/10 alike.
 
 mod common;
 
@@ -12,7 +15,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 
-use common::mesh;
+use common::{mesh, Bpffs, Daemon};
 use kmesh_abi::l7::{hash, FB_DUPLICATE, FB_INCOMPLETE, L7_DECIDED, L7_FALLBACK, L7_NO_ROUTE};
 use kmesh_daemon::l7::L7Kernel;
 use xds_adapter::l7::{
@@ -247,4 +250,284 @@ fn kernel_decides_each_request_on_a_kept_alive_connection_like_the_matcher() {
     assert_eq!(stats["l7_fallback"], 2, "{stats:?}");
     drop(stdin);
     let _ = client.wait();
+}
+
+/// The routes of the end-to-end tests, as an Envoy bootstrap with listener
+/// `reviews` on `listen` and clusters v1, v2, api on `eps`.
+fn http_bootstrap(listen: SocketAddr, eps: [SocketAddr; 3]) -> String {
+    let mut y = format!(
+        r#"static_resources:
+  listeners:
+  - name: reviews
+    address: {{ socket_address: {{ address: "{ip}", port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: reviews
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          route_config:
+            name: reviews
+            virtual_hosts:
+            - name: reviews
+              domains: ["reviews", "reviews:80"]
+              routes:
+              - match: {{ prefix: "/", headers: [{{ name: end-user, string_match: {{ exact: jason }} }}] }}
+                route: {{ cluster: v2 }}
+              - match: {{ prefix: "/api" }}
+                route: {{ cluster: api }}
+              - match: {{ prefix: "/canary" }}
+                route: {{ weighted_clusters: {{ clusters: [{{ name: v1, weight: 90 }}, {{ name: v2, weight: 10 }}] }} }}
+              - match: {{ path: "/health", query_parameters: [{{ name: probe, string_match: {{ exact: "1" }} }}] }}
+                route: {{ cluster: api }}
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: v1 }}
+            - name: other
+              domains: ["other"]
+              routes:
+              - match: {{ prefix: "/only" }}
+                route: {{ cluster: v2 }}
+  clusters:
+"#,
+        ip = listen.ip(),
+        port = listen.port()
+    );
+    for (name, ep) in ["v1", "v2", "api"].iter().zip(eps) {
+        y.push_str(&format!(
+            "  - name: {name}\n    connect_timeout: 1s\n    type: STATIC\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: \"{}\", port_value: {} }} }} }}\n",
+            ep.ip(),
+            ep.port()
+        ));
+    }
+    y
+}
+
+/// (Host, target, extra headers, expected body = server name, or None for 404).
+type E2eCase = (&'static str, &'static str, &'static [(&'static str, &'static str)], Option<&'static str>);
+
+/// The table of requests both proxies must route alike: server pods are
+/// srv0 (v1), srv1 (v2), srv2 (api).
+const E2E: &[E2eCase] = &[
+    ("reviews", "/", &[("end-user", "jason")], Some("srv1")),
+    // The next request on the connection routes elsewhere.
+    ("reviews", "/api/x", &[], Some("srv2")),
+    ("reviews", "/x", &[], Some("srv0")),
+    ("reviews", "/x", &[("End-User", "jasonx")], Some("srv0")),
+    ("reviews", "/health?probe=1", &[], Some("srv2")),
+    ("reviews", "/health?probe=2", &[], Some("srv0")),
+    ("REVIEWS:80", "/api", &[], Some("srv2")),
+    ("other", "/only/a", &[], Some("srv1")),
+    // No route in the virtual host.
+    ("other", "/nothing", &[], None),
+    // Host matching no virtual host.
+    ("nope.example", "/", &[], None),
+    ("reviews", "/x", &[("end-user", "jason")], Some("srv1")),
+];
+
+/// A client pod with one kept-alive connection to `addr` (`http-client`).
+struct HttpClient {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl HttpClient {
+    fn start(node: &bpf_tests::Node, pod: &bpf_tests::Pod, addr: SocketAddr) -> HttpClient {
+        let mut child = node
+            .pod_command(pod)
+            .arg("http-client")
+            .arg(addr.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        HttpClient {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    }
+
+    /// Sends one request; (status, body, getpeername of the connection).
+    fn get(&mut self, host: &str, target: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+        let mut req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        writeln!(self.stdin, "{}", serde_json::to_string(&req).unwrap()).unwrap();
+        self.answer().expect("the client pod exited")
+    }
+
+    /// The next answer, or None when the client exited (connect refused).
+    fn answer(&mut self) -> Option<(u16, String, String)> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        if line.is_empty() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("client output {line:?}: {e}"));
+        Some((
+            v["status"].as_u64().unwrap_or(0) as u16,
+            v["body"].as_str().unwrap_or("").to_string(),
+            v["peer"].as_str().unwrap_or("").to_string(),
+        ))
+    }
+}
+
+impl Drop for HttpClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Node, client pod and three HTTP server pods (srv0..2 on :8080).
+fn http_node() -> (bpf_tests::Node, bpf_tests::Pod, [SocketAddr; 3]) {
+    bpf_tests::require_root();
+    let mut node = bpf_tests::Node::new("kmt", std::path::Path::new(common::TESTPOD)).unwrap();
+    let client = node.add_pod("client").unwrap();
+    let mut eps = Vec::new();
+    for i in 0..3 {
+        let pod = node.add_pod(&format!("srv{i}")).unwrap();
+        node.serve_http(&pod, &pod.name.clone(), &[pod.addr4(8080)])
+            .unwrap();
+        eps.push(pod.addr4(8080));
+    }
+    (node, client, eps.try_into().unwrap())
+}
+
+/// Runs the request table on one kept-alive connection to `addr`, then
+/// `n` requests to the 90/10 canary route: returns the v1 (srv0) count.
+fn run_table(client: &mut HttpClient, who: &str, n: usize) -> usize {
+    for (host, target, headers, want) in E2E {
+        let (status, body, _) = client.get(host, target, headers);
+        match want {
+            Some(srv) => assert_eq!(
+                (status, body.as_str()),
+                (200, *srv),
+                "{who}: {host} {target} {headers:?}"
+            ),
+            None => assert_eq!(status, 404, "{who}: {host} {target} {headers:?}: {body}"),
+        }
+    }
+    let mut v1 = 0;
+    for _ in 0..n {
+        let (status, body, _) = client.get("reviews", "/canary/x", &[]);
+        assert_eq!(status, 200, "{who}: canary");
+        match body.as_str() {
+            "srv0" => v1 += 1,
+            "srv1" => {}
+            other => panic!("{who}: canary answered by {other:?}"),
+        }
+    }
+    v1
+}
+
+/// Pearson chi-square of a 90/10 split over `n` with `v1` on the 90 side;
+/// 10.83 is the 0.1 % critical value for one degree of freedom.
+fn assert_90_10(who: &str, v1: usize, n: usize) {
+    let (e1, e2) = (n as f64 * 0.9, n as f64 * 0.1);
+    let (o1, o2) = (v1 as f64, (n - v1) as f64);
+    let chi2 = (o1 - e1).powi(2) / e1 + (o2 - e2).powi(2) / e2;
+    assert!(chi2 < 10.83, "{who}: {v1}/{n} on v1 is not 90/10 (chi2 {chi2:.2})");
+}
+
+const VIP_E2E: &str = "10.96.0.21:80";
+const CANARY_N: usize = 400;
+
+#[test]
+fn daemon_routes_each_request_through_the_connector_like_envoy_would() {
+    let (node, client, eps) = http_node();
+    let vip: SocketAddr = VIP_E2E.parse().unwrap();
+    let bpffs = Bpffs::new("l7");
+    let cfg = bpffs.write_config(&http_bootstrap(vip, eps));
+    let netns = node.netns_path();
+    let _daemon = Daemon::start(
+        cfg,
+        &client,
+        &node.cgroup,
+        &bpffs.0,
+        &[
+            "--l7-connector-addr",
+            CONNECTOR,
+            "--l7-connector-netns",
+            netns.to_str().unwrap(),
+        ],
+    );
+    let mut c = HttpClient::start(&node, &client, vip);
+    // getpeername() shows the VIP, not the connector.
+    let (status, _, peer) = c.get("reviews", "/x", &[]);
+    assert_eq!((status, peer.as_str()), (200, VIP_E2E));
+    let v1 = run_table(&mut c, "kmesh", CANARY_N);
+    assert_90_10("kmesh", v1, CANARY_N);
+    // A second connection works as well; closing the client closes it.
+    drop(c);
+    let mut c = HttpClient::start(&node, &client, vip);
+    assert_eq!(c.get("reviews", "/api", &[]).1, "srv2");
+}
+
+fn envoy_path() -> std::path::PathBuf {
+    let p = std::env::var_os("KMESH_TEST_ENVOY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv/bin/envoy")
+        });
+    assert!(
+        p.exists(),
+        "Envoy not found at {} (hint: `cargo xtask test` installs it; or set KMESH_TEST_ENVOY)",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn envoy_routes_the_same_table_to_the_same_clusters() {
+    let (node, client, eps) = http_node();
+    // Envoy's copy of the bootstrap: the listener on a real address of the
+    // node namespace (pods reach it; the kernel programs leave it alone).
+    let listen: SocketAddr = "10.244.0.1:18080".parse().unwrap();
+    let bpffs = Bpffs::new("l7envoy");
+    let cfg = bpffs.write_config(&http_bootstrap(listen, eps));
+    let mut envoy = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.netns_path().display()))
+        .arg(envoy_path())
+        .arg("-c")
+        .arg(cfg)
+        .args(["--concurrency", "1", "-l", "warning", "--disable-hot-restart"])
+        .arg("--base-id")
+        .arg(((std::process::id() % 10_000) * 10 + 7).to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting envoy");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let envoy = Kill(&mut envoy);
+    // Wait for the listener.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut c = loop {
+        let mut c = HttpClient::start(&node, &client, listen);
+        let _ = writeln!(
+            c.stdin,
+            "{}",
+            serde_json::to_string("GET /x HTTP/1.1\r\nHost: reviews\r\n\r\n").unwrap()
+        );
+        if c.answer().is_some_and(|a| a.0 == 200) {
+            break c;
+        }
+        assert!(envoy.0.try_wait().unwrap().is_none(), "envoy exited");
+        assert!(std::time::Instant::now() < deadline, "envoy not listening in 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let v1 = run_table(&mut c, "envoy", CANARY_N);
+    assert_90_10("envoy", v1, CANARY_N);
 }
