@@ -447,7 +447,7 @@ fn daemon_routes_each_request_through_the_connector_like_envoy_would() {
     let bpffs = Bpffs::new("l7");
     let cfg = bpffs.write_config(&http_bootstrap(vip, eps));
     let netns = node.netns_path();
-    let _daemon = Daemon::start(
+    let daemon = Daemon::start(
         cfg,
         &client,
         &node.cgroup,
@@ -469,6 +469,20 @@ fn daemon_routes_each_request_through_the_connector_like_envoy_would() {
     drop(c);
     let mut c = HttpClient::start(&node, &client, vip);
     assert_eq!(c.get("reviews", "/api", &[]).1, "srv2");
+    // Every request head was decided in the kernel and the connector used
+    // those decisions (404s included); nothing fell back to userspace.
+    let (code, body) = bpf_tests::http_get(daemon.admin, "/debug/l7").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let requests = (2 + E2E.len() + CANARY_N) as u64;
+    let no_route = E2E.iter().filter(|c| c.3.is_none()).count() as u64;
+    assert_eq!(st["l7_steered"], 2, "{st}");
+    assert_eq!(st["l7_decided"], requests - no_route, "{st}");
+    assert_eq!(st["l7_no_route"], no_route, "{st}");
+    assert_eq!(st["l7_fallback"], 0, "{st}");
+    assert_eq!(st["connector_kernel_decided"], requests - no_route, "{st}");
+    assert_eq!(st["connector_user_decided"], 0, "{st}");
+    assert_eq!(st["connector_no_route"], no_route, "{st}");
 }
 
 fn envoy_path() -> std::path::PathBuf {

@@ -435,9 +435,11 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
                     kmesh_daemon::connector::Connector::install(kernel, &flat.l7, addr)?,
                 );
                 let bound = connector
+                    .clone()
                     .spawn(addr, args.l7_connector_netns.clone())
                     .with_context(|| format!("L7 connector on {addr}"))?;
                 tracing::info!(%bound, services = flat.l7.len(), "L7 connector listening");
+                let _ = state.l7.set(connector);
             }
             None => {
                 for s in &flat.l7 {

@@ -381,3 +381,40 @@ async fn answer(c: &mut Peer, req: &http1::RequestHead, status: u16) -> std::io:
     c.relay_body(req.framing, &mut tokio::io::sink()).await?;
     c.stream.write_all(&local_reply(status, req.close)).await
 }
+
+impl Connector {
+    /// Kernel counters (`KM_L7_STATS`) and the connector's, by name.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        if let Ok(k) = self.kernel.lock().unwrap_or_else(|p| p.into_inner()).stats() {
+            for (name, v) in k {
+                out.insert(name.into(), v.into());
+            }
+        }
+        let s = &self.stats;
+        for (name, v) in [
+            ("connector_kernel_decided", &s.kernel_decided),
+            ("connector_user_decided", &s.user_decided),
+            ("connector_no_route", &s.no_route),
+            ("connector_no_endpoint", &s.no_endpoint),
+        ] {
+            out.insert(name.into(), v.load(Ordering::Relaxed).into());
+        }
+        out.into()
+    }
+}
+
+/// `GET /debug/l7`.
+pub async fn admin_stats(
+    axum::extract::State(state): axum::extract::State<Arc<crate::admin::AdminState>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match state.l7.get() {
+        Some(c) => axum::Json(c.stats_json()).into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "no HTTP service is routed per request\n",
+        )
+            .into_response(),
+    }
+}
