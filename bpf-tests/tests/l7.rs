@@ -545,3 +545,105 @@ fn envoy_routes_the_same_table_to_the_same_clusters() {
     let v1 = run_table(&mut c, "envoy", CANARY_N);
     assert_90_10("envoy", v1, CANARY_N);
 }
+
+#[test]
+fn routes_from_xds_are_installed_and_replaced_per_request() {
+    use kmesh_daemon::xds::fixture::AdsFixture;
+    use kmesh_daemon::xds::store::{CLUSTER_TYPE, LISTENER_TYPE};
+    use kmesh_daemon::xds::to_any;
+    let (node, client, eps) = http_node();
+    let vip: SocketAddr = VIP_E2E.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let f = rt.block_on(AdsFixture::start()).unwrap();
+    // The same bootstrap, served over ADS (listener with an inline route
+    // configuration, STATIC clusters).
+    let serve = |yaml: &str| {
+        let res = xds_adapter::parse_static_config(yaml).unwrap();
+        f.set(
+            CLUSTER_TYPE,
+            res.clusters
+                .iter()
+                .map(|c| (c.name.clone(), to_any(c)))
+                .collect(),
+        );
+        f.set(
+            LISTENER_TYPE,
+            res.listeners
+                .iter()
+                .map(|l| (l.name.clone(), to_any(l)))
+                .collect(),
+        );
+    };
+    serve(&http_bootstrap(vip, eps));
+    let bpffs = Bpffs::new("l7xds");
+    let admin: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let netns = node.netns_path();
+    let daemon = std::process::Command::new(common::workspace_bin("kmesh-daemon"))
+        .arg("--xds-address")
+        .arg(f.uri())
+        .arg("--enroll-netns")
+        .arg(&client.netns_path)
+        .arg("--cgroup2-path")
+        .arg(&node.cgroup)
+        .arg("--bpf-fs-path")
+        .arg(&bpffs.0)
+        .arg("--admin-addr")
+        .arg(admin.to_string())
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", common::free_port()))
+        .args(["--l7-connector-addr", CONNECTOR, "--l7-connector-netns"])
+        .arg(&netns)
+        .env_remove("XDS_ADDRESS")
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut daemon = Kill(daemon);
+    // Routed once the config is in (a new connection per attempt).
+    let api_answer = |node: &bpf_tests::Node, daemon: &mut Kill| {
+        assert!(daemon.0.try_wait().unwrap().is_none(), "daemon exited");
+        let mut c = HttpClient::start(node, &client, vip);
+        let _ = writeln!(
+            c.stdin,
+            "{}",
+            serde_json::to_string("GET /api HTTP/1.1\r\nHost: reviews\r\n\r\n").unwrap()
+        );
+        c.answer().map(|a| a.1).unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while api_answer(&node, &mut daemon) != "srv2" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "L7 route from xDS not installed in 30 s: {:?} {:?}",
+            bpf_tests::http_get(admin, "/debug/l7"),
+            bpf_tests::http_get(admin, "/debug/config_dump/kernel-native")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut c = HttpClient::start(&node, &client, vip);
+    let v1 = run_table(&mut c, "kmesh over xDS", 100);
+    assert!(v1 > 50, "canary: {v1}/100 on v1");
+    // A new route configuration: /api now goes to v2 (srv1).
+    serve(&http_bootstrap(vip, eps).replace(
+        "route: { cluster: api }\n              - match: { prefix: \"/canary\" }",
+        "route: { cluster: v2 }\n              - match: { prefix: \"/canary\" }",
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while api_answer(&node, &mut daemon) != "srv1" {
+        assert!(std::time::Instant::now() < deadline, "route update not applied in 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The connection opened before the update keeps working.
+    assert_eq!(c.get("reviews", "/x", &[]).1, "srv0");
+}

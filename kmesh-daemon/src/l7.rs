@@ -25,6 +25,16 @@ pub const L7_PROGRAM: &str = "kmesh_l7_msg";
 pub const L7_STAT_NAMES: [&str; l7stats::COUNT as usize] =
     ["l7_steered", "l7_decided", "l7_no_route", "l7_fallback"];
 
+/// What [`L7Kernel::install`] wrote for one service, to remove it later.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub l7_id: u32,
+    pub vip: SocketAddr,
+    conds: Vec<L7CondKey>,
+    vhosts: u32,
+    groups: std::ops::Range<u32>,
+}
+
 pub struct L7Kernel {
     service: HashMap<MapData, SockAddr, L7Service>,
     by_id: HashMap<MapData, u32, L7Service>,
@@ -91,7 +101,7 @@ impl L7Kernel {
         connector: SocketAddr,
         table: &L7Table,
         mut cluster_id: impl FnMut(&str) -> u32,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<Installed, DataplaneError> {
         let rec: L7Records =
             table
                 .records(self.seed)
@@ -143,7 +153,36 @@ impl L7Kernel {
         self.service
             .insert(to_abi(vip), svc, 0)
             .map_err(map_io("KM_L7_SERVICE"))?;
-        Ok(())
+        Ok(Installed {
+            l7_id,
+            vip,
+            conds: rec.conds.keys().map(|k| cond_key(l7_id, *k)).collect(),
+            vhosts: rec.vhosts.len() as u32,
+            groups: base..self.next_group,
+        })
+    }
+
+    /// Removes what `install` wrote; the VIP entry too when `vip` (else it
+    /// was overwritten by a newer install). A connection still carrying
+    /// the old id finds no tables: its requests are decided by the
+    /// connector.
+    pub fn remove(&mut self, inst: &Installed, vip: bool) {
+        if vip {
+            let _ = self.service.remove(&to_abi(inst.vip));
+        }
+        let _ = self.by_id.remove(&inst.l7_id);
+        for vhost in 0..inst.vhosts {
+            let _ = self.vhost.remove(&L7VhostKey {
+                l7_id: inst.l7_id,
+                vhost,
+            });
+        }
+        for k in &inst.conds {
+            let _ = self.cond.remove(k);
+        }
+        for g in inst.groups.clone() {
+            let _ = self.group.remove(&g);
+        }
     }
 
     /// The kernel's latest decision on the connection from `client` (the

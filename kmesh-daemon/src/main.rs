@@ -426,25 +426,23 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
             });
     }
     // HTTP services routed per request: tables into the kernel, then the
-    // connector (its thread lives as long as the process).
-    if !flat.l7.is_empty() {
-        match args.l7_connector_addr {
-            Some(addr) => {
-                let kernel = kmesh_daemon::l7::L7Kernel::load(&mut dp)?;
-                let connector = std::sync::Arc::new(
-                    kmesh_daemon::connector::Connector::install(kernel, &flat.l7, addr)?,
-                );
-                let bound = connector
-                    .clone()
-                    .spawn(addr, args.l7_connector_netns.clone())
-                    .with_context(|| format!("L7 connector on {addr}"))?;
-                tracing::info!(%bound, services = flat.l7.len(), "L7 connector listening");
-                let _ = state.l7.set(connector);
-            }
-            None => {
-                for s in &flat.l7 {
-                    tracing::warn!(listener = %s.listener, vip = %s.vip, "HTTP service routed per request not installed: no --l7-connector-addr");
-                }
+    // connector (its thread lives as long as the process; xDS updates go
+    // through `AdminState::l7`).
+    match args.l7_connector_addr {
+        Some(addr) => {
+            let kernel = kmesh_daemon::l7::L7Kernel::load(&mut dp)?;
+            let connector = std::sync::Arc::new(kmesh_daemon::connector::Connector::new(kernel, addr));
+            connector.update(&flat.l7)?;
+            let bound = connector
+                .clone()
+                .spawn(addr, args.l7_connector_netns.clone())
+                .with_context(|| format!("L7 connector on {addr}"))?;
+            tracing::info!(%bound, services = flat.l7.len(), "L7 connector listening");
+            let _ = state.l7.set(connector);
+        }
+        None => {
+            for s in &flat.l7 {
+                tracing::warn!(listener = %s.listener, vip = %s.vip, "HTTP service routed per request not installed: no --l7-connector-addr");
             }
         }
     }

@@ -150,6 +150,12 @@ impl Incremental {
             if !self.mesh.clusters.contains_key(&c.name) {
                 return None;
             }
+            // Clusters of per-request routes are re-flattened by a full
+            // compile (their slots live in `FlatConfig::l7`).
+            let in_l7 = self.mesh.l7.iter().flat_map(|l| &l.table.vhosts).flat_map(|v| &v.routes);
+            if in_l7.into_iter().any(|r| r.action.clusters().iter().any(|(n, _)| *n == c.name)) {
+                return None;
+            }
             let mut d = Diag::default();
             let map = BTreeMap::from([(cla.cluster_name.as_str(), cla)]);
             let m = convert_cluster(c, &map, false, &mut d)?;

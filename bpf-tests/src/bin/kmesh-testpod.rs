@@ -282,7 +282,9 @@ fn send(addr: SocketAddr) {
 /// `{"status":N,"body":"..","peer":"ip:port","closed":bool}`; status 0 when
 /// the connection closed without an answer.
 fn http_client(addr: SocketAddr) {
-    let s = TcpStream::connect(addr).unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
+    let timeout = Duration::from_millis(*CONNECT_TIMEOUT_MS.get().unwrap_or(&3000));
+    let s = TcpStream::connect_timeout(&addr, timeout)
+        .unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
     let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut r = BufReader::new(s.try_clone().unwrap_or_else(|e| die(&format!("{e}"))));
     let mut w = s;

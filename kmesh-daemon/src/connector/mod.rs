@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use kmesh_abi::l7::{hash, L7Conn, L7_DECIDED};
@@ -47,7 +47,7 @@ use xds_adapter::model::TcpRoute;
 use xds_adapter::FlatL7;
 
 use crate::dataplane::DataplaneError;
-use crate::l7::L7Kernel;
+use crate::l7::{Installed, L7Kernel};
 use http1::{local_reply, parse_request, parse_response, Framing, Peer};
 
 /// Default listen address of the connector (Istio's inbound capture port).
@@ -57,6 +57,7 @@ pub const DEFAULT_ADDR: &str = "0.0.0.0:15006";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One HTTP service routed per request.
+#[derive(PartialEq)]
 struct Service {
     table: L7Table,
     /// Cluster → weighted slots (empty: 503).
@@ -74,55 +75,103 @@ pub struct ConnectorStats {
     pub no_endpoint: AtomicU64,
 }
 
+/// The installed services.
+#[derive(Default)]
+struct Routing {
+    /// By kernel service id. A connection keeps the `Arc` it started with.
+    services: BTreeMap<u32, Arc<Service>>,
+    /// By VIP: what the kernel holds for it.
+    installed: BTreeMap<SocketAddr, Installed>,
+    /// Cluster id (index + 1) → name, as numbered in the kernel groups;
+    /// only ever appended to, so ids in flight stay valid.
+    clusters: Vec<String>,
+    next_id: u32,
+}
+
 /// What the connector needs: the kernel's decisions and the tables.
 pub struct Connector {
     kernel: Mutex<L7Kernel>,
     seed: u64,
-    services: BTreeMap<u32, Service>,
-    /// Cluster id (index + 1) → name, as numbered in the kernel groups.
-    clusters: Vec<String>,
+    /// Where connects to L7 services are steered.
+    advertised: SocketAddr,
+    routing: RwLock<Routing>,
     rng: AtomicU64,
     pub stats: ConnectorStats,
 }
 
 impl Connector {
-    /// Installs every L7 service of the config into the kernel (steered to
-    /// `advertised`, the address clients reach the connector at) and
-    /// returns the connector for them. Services are numbered from 1 in
-    /// config order.
-    pub fn install(
-        mut kernel: L7Kernel,
-        l7: &[FlatL7],
-        advertised: SocketAddr,
-    ) -> Result<Connector, DataplaneError> {
-        let mut clusters: Vec<String> = Vec::new();
-        let mut services = BTreeMap::new();
-        for (i, svc) in l7.iter().enumerate() {
-            let id = i as u32 + 1;
-            kernel.install(id, svc.vip, advertised, &svc.table, |c| {
+    /// A connector with no service yet; clients reach it at `advertised`.
+    pub fn new(kernel: L7Kernel, advertised: SocketAddr) -> Connector {
+        let seed = std::collections::hash_map::RandomState::new();
+        Connector {
+            seed: kernel.seed(),
+            kernel: Mutex::new(kernel),
+            advertised,
+            routing: RwLock::new(Routing {
+                next_id: 1,
+                ..Routing::default()
+            }),
+            rng: AtomicU64::new(std::hash::BuildHasher::hash_one(&seed, 0u8)),
+            stats: ConnectorStats::default(),
+        }
+    }
+
+    /// Makes the installed services those of `l7` (a full config). A
+    /// service whose table changed is installed under a new id before the
+    /// old one is removed, so a connect always finds complete tables;
+    /// endpoint-only changes touch no kernel map. Connections already
+    /// open keep the service they started with.
+    pub fn update(&self, l7: &[FlatL7]) -> Result<(), DataplaneError> {
+        let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.routing.write().unwrap_or_else(|p| p.into_inner());
+        let mut keep = std::collections::BTreeSet::new();
+        for svc in l7 {
+            keep.insert(svc.vip);
+            let new = Service {
+                table: svc.table.clone(),
+                slots: svc.clusters.clone(),
+            };
+            let old = r.installed.get(&svc.vip).cloned();
+            if let Some(old) = &old {
+                let cur = &r.services[&old.l7_id];
+                if **cur == new {
+                    continue;
+                }
+                if cur.table == new.table {
+                    r.services.insert(old.l7_id, Arc::new(new));
+                    continue;
+                }
+            }
+            let id = r.next_id;
+            r.next_id += 1;
+            let Routing { clusters, .. } = &mut *r;
+            let inst = kernel.install(id, svc.vip, self.advertised, &new.table, |c| {
                 let pos = clusters.iter().position(|n| n == c).unwrap_or_else(|| {
                     clusters.push(c.to_string());
                     clusters.len() - 1
                 });
                 pos as u32 + 1
             })?;
-            services.insert(
-                id,
-                Service {
-                    table: svc.table.clone(),
-                    slots: svc.clusters.clone(),
-                },
-            );
+            r.services.insert(id, Arc::new(new));
+            r.installed.insert(svc.vip, inst);
+            if let Some(old) = old {
+                kernel.remove(&old, false);
+                r.services.remove(&old.l7_id);
+            }
         }
-        let seed = std::collections::hash_map::RandomState::new();
-        Ok(Connector {
-            seed: kernel.seed(),
-            kernel: Mutex::new(kernel),
-            services,
-            clusters,
-            rng: AtomicU64::new(std::hash::BuildHasher::hash_one(&seed, 0u8)),
-            stats: ConnectorStats::default(),
-        })
+        let gone: Vec<SocketAddr> = r
+            .installed
+            .keys()
+            .filter(|v| !keep.contains(v))
+            .copied()
+            .collect();
+        for vip in gone {
+            if let Some(old) = r.installed.remove(&vip) {
+                kernel.remove(&old, true);
+                r.services.remove(&old.l7_id);
+            }
+        }
+        Ok(())
     }
 
     /// Starts the connector thread: binds `listen` (inside the network
@@ -237,7 +286,8 @@ impl Connector {
                 && (d.vhost, d.route) == (vhost, route)
                 && d.target_hash == hash(self.seed, target.as_bytes())
         }) {
-            let name = self.clusters.get((d.cluster as usize).wrapping_sub(1));
+            let r = self.routing.read().unwrap_or_else(|p| p.into_inner());
+            let name = r.clusters.get((d.cluster as usize).wrapping_sub(1));
             if let Some((c, _)) = action
                 .clusters()
                 .into_iter()
@@ -260,10 +310,11 @@ impl Connector {
     }
 
     async fn relay(&self, client: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
-        let Some(svc) = self
-            .decision(peer)
-            .and_then(|d| self.services.get(&d.l7_id))
-        else {
+        let svc = self.decision(peer).and_then(|d| {
+            let r = self.routing.read().unwrap_or_else(|p| p.into_inner());
+            r.services.get(&d.l7_id).cloned()
+        });
+        let Some(svc) = svc else {
             return Err(std::io::Error::other(
                 "no kernel entry for this client: not steered by the kernel",
             ));

@@ -51,6 +51,9 @@ impl Sink for DataplaneSink {
         let applied = dp.apply(&compiled.flat);
         crate::telemetry::record_config_apply(applied.is_ok());
         let summary = applied.map_err(|e| e.to_string())?;
+        if let Some(c) = self.state.l7.get() {
+            c.update(&compiled.flat.l7).map_err(|e| e.to_string())?;
+        }
         // Metric labels (service names by VIP and backend) follow the config.
         // Endpoint-only updates (apply_services) skip this O(services) step;
         // a backend added that way is labelled on the next full update.
