@@ -306,7 +306,12 @@ fn http_bootstrap(listen: SocketAddr, eps: [SocketAddr; 3]) -> String {
 }
 
 /// (Host, target, extra headers, expected body = server name, or None for 404).
-type E2eCase = (&'static str, &'static str, &'static [(&'static str, &'static str)], Option<&'static str>);
+type E2eCase = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    Option<&'static str>,
+);
 
 /// The table of requests both proxies must route alike: server pods are
 /// srv0 (v1), srv1 (v2), srv2 (api).
@@ -369,8 +374,8 @@ impl HttpClient {
         if line.is_empty() {
             return None;
         }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("client output {line:?}: {e}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("client output {line:?}: {e}"));
         Some((
             v["status"].as_u64().unwrap_or(0) as u16,
             v["body"].as_str().unwrap_or("").to_string(),
@@ -434,7 +439,10 @@ fn assert_90_10(who: &str, v1: usize, n: usize) {
     let (e1, e2) = (n as f64 * 0.9, n as f64 * 0.1);
     let (o1, o2) = (v1 as f64, (n - v1) as f64);
     let chi2 = (o1 - e1).powi(2) / e1 + (o2 - e2).powi(2) / e2;
-    assert!(chi2 < 10.83, "{who}: {v1}/{n} on v1 is not 90/10 (chi2 {chi2:.2})");
+    assert!(
+        chi2 < 10.83,
+        "{who}: {v1}/{n} on v1 is not 90/10 (chi2 {chi2:.2})"
+    );
 }
 
 const VIP_E2E: &str = "10.96.0.21:80";
@@ -512,7 +520,13 @@ fn envoy_routes_the_same_table_to_the_same_clusters() {
         .arg(envoy_path())
         .arg("-c")
         .arg(cfg)
-        .args(["--concurrency", "1", "-l", "warning", "--disable-hot-restart"])
+        .args([
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+        ])
         .arg("--base-id")
         .arg(((std::process::id() % 10_000) * 10 + 7).to_string())
         .stdout(Stdio::null())
@@ -539,7 +553,10 @@ fn envoy_routes_the_same_table_to_the_same_clusters() {
             break c;
         }
         assert!(envoy.0.try_wait().unwrap().is_none(), "envoy exited");
-        assert!(std::time::Instant::now() < deadline, "envoy not listening in 30 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "envoy not listening in 30 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     let v1 = run_table(&mut c, "envoy", CANARY_N);
@@ -641,7 +658,10 @@ fn routes_from_xds_are_installed_and_replaced_per_request() {
     ));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while api_answer(&node, &mut daemon) != "srv1" {
-        assert!(std::time::Instant::now() < deadline, "route update not applied in 30 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "route update not applied in 30 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // The connection opened before the update keeps working.

@@ -431,7 +431,8 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     match args.l7_connector_addr {
         Some(addr) => {
             let kernel = kmesh_daemon::l7::L7Kernel::load(&mut dp)?;
-            let connector = std::sync::Arc::new(kmesh_daemon::connector::Connector::new(kernel, addr));
+            let connector =
+                std::sync::Arc::new(kmesh_daemon::connector::Connector::new(kernel, addr));
             connector.update(&flat.l7)?;
             let bound = connector
                 .clone()

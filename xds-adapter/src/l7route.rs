@@ -45,8 +45,15 @@ pub(crate) fn l7_table(
             // Errors of the action are reported where the route
             // configuration is checked; here only whether it forwards.
             let mut scratch = Diag::default();
-            let (action, r_refs) = route_action(r, &mut scratch, &mut Diag::default(), res, &rpath, "")
-                .map_err(|why| (join(&rpath, "route"), format!("the route is not a forward to clusters: {why}")))?;
+            let (action, r_refs) =
+                route_action(r, &mut scratch, &mut Diag::default(), res, &rpath, "").map_err(
+                    |why| {
+                        (
+                            join(&rpath, "route"),
+                            format!("the route is not a forward to clusters: {why}"),
+                        )
+                    },
+                )?;
             refs.extend(r_refs);
             routes.push(L7Route {
                 index: j as u32,
@@ -55,7 +62,9 @@ pub(crate) fn l7_table(
                     .headers
                     .iter()
                     .enumerate()
-                    .map(|(k, h)| HeaderCond::try_from(h).map_err(|e| (index(&join(&mpath, "headers"), k), e)))
+                    .map(|(k, h)| {
+                        HeaderCond::try_from(h).map_err(|e| (index(&join(&mpath, "headers"), k), e))
+                    })
                     .collect::<Result<_, _>>()?,
                 query: m
                     .query_parameters
@@ -78,9 +87,7 @@ pub(crate) fn l7_table(
     let table = L7Table { vhosts };
     // The limits do not depend on the seed: check them now, so that the
     // listener is refused here rather than when the daemon installs it.
-    table
-        .records(0)
-        .map_err(|(f, msg)| (join(path, &f), msg))?;
+    table.records(0).map_err(|(f, msg)| (join(path, &f), msg))?;
     Ok((table, refs))
 }
 
@@ -130,7 +137,9 @@ fn plain(s: &pb_matcher::StringMatcher) -> Result<HeaderTest, String> {
     match &s.match_pattern {
         Some(MatchPattern::Exact(v)) => Ok(HeaderTest::Exact(v.clone())),
         Some(MatchPattern::Prefix(v)) => Ok(HeaderTest::Prefix(v.clone())),
-        _ => Err("string_match: only exact and prefix are supported by in-kernel HTTP routing".into()),
+        _ => Err(
+            "string_match: only exact and prefix are supported by in-kernel HTTP routing".into(),
+        ),
     }
 }
 

@@ -226,11 +226,19 @@ impl MeshConfig {
                         let picked = vhost_for_vip(conv.address, vhosts);
                         let why = match picked.map(|i| (&vhosts[i], &vhosts[i].outcome)) {
                             Some((_, Ok((route, refs)))) => {
-                                candidates.push((conv.address, route.clone(), refs.clone(), rc_res.clone()));
+                                candidates.push((
+                                    conv.address,
+                                    route.clone(),
+                                    refs.clone(),
+                                    rc_res.clone(),
+                                ));
                                 None
                             }
                             Some((vh, Err(why))) => Some(format!("{}: {why}", via(vh))),
-                            None => Some(format!("no virtual host of {rc_res} matches {} by IP domain or \"*\"", conv.address)),
+                            None => Some(format!(
+                                "no virtual host of {rc_res} matches {} by IP domain or \"*\"",
+                                conv.address
+                            )),
                         };
                         if vhosts.is_empty() {
                             d.warn(&res, "", format!(

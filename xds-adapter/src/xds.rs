@@ -152,8 +152,16 @@ impl Incremental {
             }
             // Clusters of per-request routes are re-flattened by a full
             // compile (their slots live in `FlatConfig::l7`).
-            let in_l7 = self.mesh.l7.iter().flat_map(|l| &l.table.vhosts).flat_map(|v| &v.routes);
-            if in_l7.into_iter().any(|r| r.action.clusters().iter().any(|(n, _)| *n == c.name)) {
+            let in_l7 = self
+                .mesh
+                .l7
+                .iter()
+                .flat_map(|l| &l.table.vhosts)
+                .flat_map(|v| &v.routes);
+            if in_l7
+                .into_iter()
+                .any(|r| r.action.clusters().iter().any(|(n, _)| *n == c.name))
+            {
                 return None;
             }
             let mut d = Diag::default();

@@ -101,7 +101,9 @@ fn what_the_tables_cannot_express_leaves_the_listener_alone() {
     let flat = xds_adapter::compile_static_config(&config(&many)).unwrap();
     assert!(flat.l7.is_empty());
     assert!(
-        flat.warnings.iter().any(|w| w.contains("virtual_hosts[0].routes: 17 routes")),
+        flat.warnings
+            .iter()
+            .any(|w| w.contains("virtual_hosts[0].routes: 17 routes")),
         "{:?}",
         flat.warnings
     );

@@ -302,7 +302,11 @@ fn http_client(addr: SocketAddr) {
                 break;
             }
             if head.is_empty() {
-                status = l.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                status = l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
             }
             head.push_str(&l);
             let lower = l.to_ascii_lowercase();

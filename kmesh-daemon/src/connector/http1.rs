@@ -216,7 +216,11 @@ impl Peer {
     }
 
     /// Moves `n` bytes to `dst`.
-    async fn relay_exact<W: AsyncWrite + Unpin>(&mut self, mut n: u64, dst: &mut W) -> io::Result<()> {
+    async fn relay_exact<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut n: u64,
+        dst: &mut W,
+    ) -> io::Result<()> {
         while n > 0 {
             if self.buffered() == 0 && self.fill().await? == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
@@ -248,7 +252,11 @@ impl Peer {
     }
 
     /// Relays a body framed as `framing` to `dst`.
-    pub async fn relay_body<W: AsyncWrite + Unpin>(&mut self, framing: Framing, dst: &mut W) -> io::Result<()> {
+    pub async fn relay_body<W: AsyncWrite + Unpin>(
+        &mut self,
+        framing: Framing,
+        dst: &mut W,
+    ) -> io::Result<()> {
         match framing {
             Framing::None => Ok(()),
             Framing::Length(n) => self.relay_exact(n, dst).await,
@@ -306,8 +314,8 @@ mod tests {
 
     #[test]
     fn framing() {
-        let r = parse_request(b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
-            .unwrap();
+        let r =
+            parse_request(b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n").unwrap();
         assert_eq!(
             (r.target.as_str(), r.framing, r.close),
             ("/a?b=1", Framing::Length(5), false)
@@ -318,14 +326,15 @@ mod tests {
         .unwrap();
         assert_eq!((r.framing, r.close), (Framing::Chunked, true));
         assert!(parse_request(b"GET / HTTP/1.0\r\n\r\n").unwrap().close);
-        assert!(parse_request(
-            b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
-        )
-        .is_err());
+        assert!(
+            parse_request(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .is_err()
+        );
         let resp = parse_response(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
         assert_eq!(resp.framing("GET").unwrap(), Framing::UntilClose);
         assert_eq!(resp.framing("HEAD").unwrap(), Framing::None);
-        let resp = parse_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n").unwrap();
+        let resp =
+            parse_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n").unwrap();
         assert_eq!(resp.framing("GET").unwrap(), Framing::None);
     }
 

@@ -408,9 +408,10 @@ impl Connector {
                 let f = r.framing(&req.method)?;
                 up.relay_body(f, &mut c.stream).await?;
                 if (100..200).contains(&r.status) && r.status != 101 {
-                    rhead = up.read_head().await?.ok_or_else(|| {
-                        std::io::Error::from(std::io::ErrorKind::UnexpectedEof)
-                    })?;
+                    rhead = up
+                        .read_head()
+                        .await?
+                        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
                     continue;
                 }
                 break (f, r.close);
@@ -437,7 +438,12 @@ impl Connector {
     /// Kernel counters (`KM_L7_STATS`) and the connector's, by name.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
-        if let Ok(k) = self.kernel.lock().unwrap_or_else(|p| p.into_inner()).stats() {
+        if let Ok(k) = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats()
+        {
             for (name, v) in k {
                 out.insert(name.into(), v.into());
             }
