@@ -338,6 +338,58 @@ mod tests {
         assert_eq!(resp.framing("GET").unwrap(), Framing::None);
     }
 
+    /// A peer reading what `bytes` are, and the relay of one body framed
+    /// `f` from it; returns (relayed, what stays buffered for the next head).
+    async fn relay(bytes: &'static [u8], f: Framing) -> (Vec<u8>, Vec<u8>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let w = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            // In pieces, as a network may deliver them.
+            for c in bytes.chunks(3) {
+                s.write_all(c).await.unwrap();
+                s.flush().await.unwrap();
+            }
+        });
+        let mut p = Peer::new(l.accept().await.unwrap().0);
+        let mut out = Vec::new();
+        p.relay_body(f, &mut out).await.unwrap();
+        w.await.unwrap();
+        let mut rest = Vec::new();
+        p.relay_body(Framing::UntilClose, &mut rest).await.unwrap();
+        (out, rest)
+    }
+
+    #[tokio::test]
+    async fn bodies_are_relayed_exactly_and_stop_at_their_end() {
+        let (b, rest) = relay(b"hello worldGET /", Framing::Length(11)).await;
+        assert_eq!((&b[..], &rest[..]), (&b"hello world"[..], &b"GET /"[..]));
+        let chunked: &[u8] = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        let (b, rest) = relay(chunked, Framing::Chunked).await;
+        assert_eq!(b, &chunked[..chunked.len() - 4]);
+        assert_eq!(rest, b"NEXT");
+        let (b, _) = relay(b"until the end", Framing::UntilClose).await;
+        assert_eq!(b, b"until the end");
+    }
+
+    #[tokio::test]
+    async fn heads_are_split_at_the_blank_line() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+        });
+        let mut p = Peer::new(l.accept().await.unwrap().0);
+        let a = p.read_head().await.unwrap().unwrap();
+        assert_eq!(parse_request(&a).unwrap().target, "/a");
+        let b = p.read_head().await.unwrap().unwrap();
+        assert_eq!(parse_request(&b).unwrap().target, "/b");
+        assert!(p.read_head().await.unwrap().is_none(), "EOF between heads");
+    }
+
     #[test]
     fn local_reply_is_envoy_shaped() {
         let r = String::from_utf8(local_reply(404, false)).unwrap();
