@@ -46,6 +46,8 @@ pub struct L7Kernel {
     _socks: SockHash<MapData, u64>,
     seed: u64,
     next_group: u32,
+    /// The sk_msg program's kernel id (for bpf_stats readers).
+    program_id: u32,
 }
 
 impl L7Kernel {
@@ -61,6 +63,7 @@ impl L7Kernel {
         };
         prog.load().map_err(perr)?;
         prog.attach(socks.fd()).map_err(perr)?;
+        let program_id = prog.info().map(|i| i.id()).unwrap_or(0);
         let mut seed = [0u8; 8];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut seed))
@@ -82,7 +85,13 @@ impl L7Kernel {
             _socks: socks,
             seed,
             next_group: 0,
+            program_id,
         })
+    }
+
+    /// The kernel id of the sk_msg program (0 if unknown).
+    pub fn program_id(&self) -> u32 {
+        self.program_id
     }
 
     /// The seed the kernel hashes with (for checking a decision's target hash).

@@ -438,16 +438,14 @@ impl Connector {
     /// Kernel counters (`KM_L7_STATS`) and the connector's, by name.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
-        if let Ok(k) = self
-            .kernel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats()
-        {
+        let kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        out.insert("program_id".into(), kernel.program_id().into());
+        if let Ok(k) = kernel.stats() {
             for (name, v) in k {
                 out.insert(name.into(), v.into());
             }
         }
+        drop(kernel);
         let s = &self.stats;
         for (name, v) in [
             ("connector_kernel_decided", &s.kernel_decided),

@@ -707,6 +707,14 @@ impl Bed {
         }
         d.ready_after = started.elapsed();
         d.programs = cgroup_programs(&self.node.cgroup)?;
+        // The sk_msg program of per-request routing is attached to a map,
+        // not the cgroup: the daemon names it.
+        if let Some((200, body)) = http_get(admin, "/debug/l7") {
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            if let Some(id) = v["program_id"].as_u64().filter(|id| *id > 0) {
+                d.programs.push((id as u32, "kmesh_l7_msg".into()));
+            }
+        }
         ensure!(
             d.programs.iter().any(|(_, n)| n == "kmesh_connect4"),
             "kmesh_connect4 is not attached to {}: {:?}",
