@@ -258,14 +258,26 @@ fn hold(addr: SocketAddr, count: usize) {
     }
 }
 
+/// The stdin lines of `send` and `http-client`, each a JSON string.
+fn stdin_strings() -> impl Iterator<Item = String> {
+    std::io::stdin().lock().lines().map(|line| {
+        let line = line.unwrap_or_else(|e| die(&format!("stdin: {e}")));
+        serde_json::from_str(&line).unwrap_or_else(|e| die(&format!("bad line {line:?}: {e}")))
+    })
+}
+
+/// A connected stream and a buffered reader of it.
+fn split(s: TcpStream) -> (BufReader<TcpStream>, TcpStream) {
+    (
+        BufReader::new(s.try_clone().unwrap_or_else(|e| die(&format!("{e}")))),
+        s,
+    )
+}
+
 fn send(addr: SocketAddr) {
     let s = TcpStream::connect(addr).unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
-    let mut r = BufReader::new(s.try_clone().unwrap_or_else(|e| die(&format!("{e}"))));
-    let mut w = s;
-    for line in std::io::stdin().lock().lines() {
-        let line = line.unwrap_or_else(|e| die(&format!("stdin: {e}")));
-        let bytes: String =
-            serde_json::from_str(&line).unwrap_or_else(|e| die(&format!("bad line {line:?}: {e}")));
+    let (mut r, mut w) = split(s);
+    for bytes in stdin_strings() {
         w.write_all(bytes.as_bytes())
             .unwrap_or_else(|e| die(&format!("write: {e}")));
         let mut answer = String::new();
@@ -286,12 +298,8 @@ fn http_client(addr: SocketAddr) {
     let s = TcpStream::connect_timeout(&addr, timeout)
         .unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
     let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let mut r = BufReader::new(s.try_clone().unwrap_or_else(|e| die(&format!("{e}"))));
-    let mut w = s;
-    for line in std::io::stdin().lock().lines() {
-        let line = line.unwrap_or_else(|e| die(&format!("stdin: {e}")));
-        let bytes: String =
-            serde_json::from_str(&line).unwrap_or_else(|e| die(&format!("bad line {line:?}: {e}")));
+    let (mut r, mut w) = split(s);
+    for bytes in stdin_strings() {
         let _ = w.write_all(bytes.as_bytes());
         let (mut status, mut len, mut closed) = (0u16, None, false);
         let mut head = String::new();

@@ -428,17 +428,29 @@ pub fn envoy_tcp(listen: SocketAddr, to: SocketAddr) -> String {
     )
 }
 
+/// A STATIC round-robin cluster `name` with one endpoint, as a YAML list item.
+fn static_cluster(name: &str, backend: SocketAddr) -> String {
+    format!(
+        "  - name: {name}
+    connect_timeout: 1s
+    type: STATIC
+    lb_policy: ROUND_ROBIN
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}
+",
+        backend.ip(),
+        backend.port()
+    )
+}
+
 /// The kmesh-rs config of the L7 runs: an HTTP listener on `vip` whose
 /// route depends on the request (`/admin` goes to another cluster), so
 /// every request is decided per request; the catch-all reaches `backend`.
 pub fn mesh_config_l7(vip: SocketAddr, backend: SocketAddr) -> String {
-    let c = |name: &str| {
-        format!(
-            "  - name: {name}\n    connect_timeout: 1s\n    type: STATIC\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}\n",
-            backend.ip(),
-            backend.port()
-        )
-    };
+    let c = |name: &str| static_cluster(name, backend);
     format!(
         "static_resources:
   listeners:
@@ -484,20 +496,10 @@ pub fn mesh_config(vip: SocketAddr, backend: SocketAddr) -> String {
           stat_prefix: web
           cluster: web
   clusters:
-  - name: web
-    connect_timeout: 1s
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    load_assignment:
-      cluster_name: web
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}
-",
+{}",
         vip.ip(),
         vip.port(),
-        backend.ip(),
-        backend.port()
+        static_cluster("web", backend)
     )
 }
 
