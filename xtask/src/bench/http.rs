@@ -319,6 +319,20 @@ impl Daemon {
             .with_context(|| format!("no kernel counter {name} in {body}"))
     }
 
+    /// Connects the kernel sent elsewhere: to a backend (L4), or to the
+    /// connector (`l7_steered`, L7).
+    pub fn redirected(&self, scenario: Scenario) -> anyhow::Result<u64> {
+        if scenario != Scenario::KmeshL7 {
+            return self.kernel_stat("connect_redirected");
+        }
+        let (code, body) = http_get(self.admin, "/debug/l7").context("daemon admin API")?;
+        ensure!(code == 200, "/debug/l7 answered {code}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        v["l7_steered"]
+            .as_u64()
+            .with_context(|| format!("no l7_steered in {body}"))
+    }
+
     /// Summed run time (ns) and run count of the named programs, or of all
     /// of the daemon's programs when `only` is empty (bpf_stats).
     pub fn bpf_stats(&self, only: &[&str]) -> anyhow::Result<(u64, u64)> {
@@ -830,14 +844,14 @@ impl Bed {
             warm.non_2xx
         );
         let redirected_before = match &daemon {
-            Some(d) => d.kernel_stat("connect_redirected")?,
+            Some(d) => d.redirected(scenario)?,
             None => 0,
         };
         let before = self.cpu(daemon.as_ref())?;
         let wrk = self.wrk(&url, mode, conns, opts.duration_s)?;
         let after = self.cpu(daemon.as_ref())?;
         let redirected = match &daemon {
-            Some(d) => d.kernel_stat("connect_redirected")? - redirected_before,
+            Some(d) => d.redirected(scenario)? - redirected_before,
             None => 0,
         };
         if matches!(scenario, Scenario::KmeshL4 | Scenario::KmeshL7) {
