@@ -454,6 +454,11 @@ impl Node {
         json_report("talk", out)
     }
 
+    /// A `kmesh-testpod` command that runs inside `pod` (add its subcommand).
+    pub fn pod_command(&self, pod: &Pod) -> Command {
+        self.testpod(&pod.netns_path, Some(&pod.cgroup))
+    }
+
     /// Opens `count` connections from `pod` to `addr` and keeps them open.
     pub fn hold(&self, pod: &Pod, addr: SocketAddr, count: usize) -> io::Result<Held> {
         let mut child = self

@@ -190,6 +190,7 @@ fn removed_service_is_no_longer_routed() {
 
     let empty = xds_adapter::FlatConfig {
         services: Default::default(),
+        l7: Vec::new(),
         warnings: vec![],
     };
     let s = m.dp.apply(&empty).unwrap();

@@ -167,6 +167,9 @@ fn a_second_daemon_on_the_same_pins_waits_for_the_first() {
     d2.wait_ready(Duration::from_secs(10));
     let r = node.connect(&client, vip, 10).unwrap();
     assert_eq!((r.count("srv0"), r.errors), (10, 0), "{r:?}");
+}
+
+#[test]
 fn dual_engine_kill_9_restart_keeps_authorization() {
     bpf_tests::require_root();
     let mut node = bpf_tests::Node::new("kmr", Path::new(TESTPOD)).unwrap();

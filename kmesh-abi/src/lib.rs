@@ -17,8 +17,11 @@
 #![no_std]
 #![deny(unsafe_code)]
 
-/// Bumped on every layout change of a type in this crate.
-pub const ABI_VERSION: u32 = 1;
+/// Bumped on every layout change of a type in this crate (or of a pinned
+/// map). 2: `ServiceValue` gained `cluster_id`/`max_connections`,
+/// `ConnState` the byte counters of open connections, `KM_STATS` three
+/// counters; the connect pipeline's pinned context map is new.
+pub const ABI_VERSION: u32 = 2;
 
 /// Capacity of the enrolled-network-namespace map.
 pub const MAX_ENROLLED_NETNS: u32 = 16_384;
@@ -323,6 +326,7 @@ pub mod stats {
 }
 
 pub mod authz;
+pub mod l7;
 pub mod waypoint;
 
 #[cfg(feature = "user")]

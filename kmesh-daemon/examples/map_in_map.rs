@@ -280,6 +280,7 @@ fn main() {
             slot_count: slots,
             lb_policy: 0,
             flags: 0,
+            ..Default::default()
         };
         update(&svc_map, &slot(i as u32), &v, BPF_ANY).expect("service switch")
     })
@@ -300,6 +301,7 @@ fn main() {
             slot_count: slots,
             lb_policy: 0,
             flags: 0,
+            ..Default::default()
         };
         update(&svc_map, &slot(0), &v, BPF_ANY).expect("switch");
         if let Some(old) = old {

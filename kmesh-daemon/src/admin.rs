@@ -9,6 +9,7 @@
 //! | `/accesslog`, `/monitoring`, `/authz`, `/debug/loggers` | see [`crate::telemetry::admin`] |
 //! | `/debug/config_dump/dual-engine` | dual-engine: workloads, services, policies as validated (with `xds` when from the workload API) |
 //! | `/debug/config_dump/bpf/dual-engine` | dual-engine: authorization maps and decision counters read back from the kernel |
+//! | `/debug/l7` | HTTP routing per request: kernel and connector counters (see [`crate::connector`]) |
 
 use std::{
     net::SocketAddr,
@@ -37,6 +38,8 @@ pub struct AdminState {
     /// The xDS client's status (resources held with versions, NACKs), when
     /// the config comes from a control plane.
     pub xds: Mutex<Option<crate::xds::SharedStatus>>,
+    /// Set when HTTP services routed per request are installed.
+    pub l7: OnceLock<Arc<crate::connector::Connector>>,
 }
 
 impl AdminState {
@@ -49,6 +52,7 @@ impl AdminState {
             logging: OnceLock::new(),
             dual_engine: Mutex::new(None),
             xds: Mutex::new(None),
+            l7: OnceLock::new(),
         })
     }
 }
@@ -59,6 +63,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/debug/ready", get(ready))
         .route("/debug/config_dump/kernel-native", get(config_dump))
         .route("/debug/config_dump/bpf/kernel-native", get(bpf_dump))
+        .route("/debug/l7", get(crate::connector::admin_stats))
         .merge(crate::telemetry::admin::routes())
         .route(
             "/debug/config_dump/dual-engine",

@@ -10,11 +10,15 @@
 //! - [`telemetry`]: connection events → access log and Istio metrics on :15020;
 //! - [`logging`]: tracing output with levels adjustable at runtime.
 //! - [`xds`]: the ADS client (and a test control plane).
+//! - [`l7`], [`connector`]: HTTP routing decided per request (kernel sk_msg
+//!   decision, userspace relay).
 
 pub mod admin;
 pub mod authz;
+pub mod connector;
 pub mod dataplane;
 pub mod enroll;
+pub mod l7;
 pub mod logging;
 pub mod netns;
 pub mod pinlock;

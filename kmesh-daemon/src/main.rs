@@ -144,6 +144,19 @@ struct RunArgs {
     #[arg(long, env = "KMESH_AUTHZ_INTERFACE", default_value = "eth0")]
     authz_interface: String,
 
+    /// Where connects to HTTP services routed per request are steered and
+    /// where the L7 connector listens: an address of this node that pods
+    /// reach (the node IP, port 15006). Without it such services are not
+    /// installed (connects to them are left alone).
+    #[arg(long, env = "KMESH_L7_CONNECTOR_ADDR")]
+    l7_connector_addr: Option<SocketAddr>,
+
+    /// Network namespace the L7 connector's sockets live in (listener and
+    /// upstream connections) [default: the daemon's, i.e. the host's for a
+    /// hostNetwork pod].
+    #[arg(long, env = "KMESH_L7_CONNECTOR_NETNS", value_name = "PATH")]
+    l7_connector_netns: Option<PathBuf>,
+
     /// Admin API address.
     #[arg(long, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15200")]
     admin_addr: SocketAddr,
@@ -412,6 +425,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         // The control plane fills the maps; until then connects are left alone.
         None => xds_adapter::FlatConfig {
             services: Default::default(),
+            l7: Vec::new(),
             warnings: vec![],
         },
     };
@@ -570,6 +584,28 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
                 authz,
                 by_workload,
             });
+    }
+    // HTTP services routed per request: tables into the kernel, then the
+    // connector (its thread lives as long as the process; xDS updates go
+    // through `AdminState::l7`).
+    match args.l7_connector_addr {
+        Some(addr) => {
+            let kernel = kmesh_daemon::l7::L7Kernel::load(&mut dp)?;
+            let connector =
+                std::sync::Arc::new(kmesh_daemon::connector::Connector::new(kernel, addr));
+            connector.update(&flat.l7)?;
+            let bound = connector
+                .clone()
+                .spawn(addr, args.l7_connector_netns.clone())
+                .with_context(|| format!("L7 connector on {addr}"))?;
+            tracing::info!(%bound, services = flat.l7.len(), "L7 connector listening");
+            let _ = state.l7.set(connector);
+        }
+        None => {
+            for s in &flat.l7 {
+                tracing::warn!(listener = %s.listener, vip = %s.vip, "HTTP service routed per request not installed: no --l7-connector-addr");
+            }
+        }
     }
     dp.attach(&cgroup)?;
     tracing::info!(cgroup = %cgroup.display(), programs = ?dp.program_ids(), "programs attached");

@@ -37,6 +37,8 @@ mod lb;
 mod sockops;
 /// Dual-engine waypoint steering (PROXY protocol v2 via sk_msg).
 mod waypoint;
+/// HTTP/1.1 routing decided in the kernel (sk_msg), served by the connector.
+mod l7;
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -213,6 +215,11 @@ fn entry(
         return ALLOW;
     };
     count(stats::CONNECT_ENROLLED);
+    // An HTTP service routed per request: to the connector (kernel-native
+    // mode; waypoints are dual-engine, so the two never meet).
+    if let Some(connector) = l7::steer(ctx, &dst) {
+        return direct(ctx, dst, connector, netns, false, endpoint);
+    }
     // A destination with a waypoint is dialled at the waypoint (a waypoint's
     // own connects are not: they would loop back to it). The waypoint may
     // itself be a service, load balanced below.
@@ -228,18 +235,7 @@ fn entry(
     let svc = match unsafe { KM_SERVICE.get(&target) } {
         Some(s) => *s,
         // A waypoint that is a plain address: dial it, no LB stage.
-        None if via_waypoint => {
-            let Some(c) = connect_ctx() else {
-                return REJECT;
-            };
-            c.cookie = socket_cookie(ctx);
-            c.dst = dst;
-            c.svc = ServiceValue::default();
-            c.netns = netns;
-            c.backend = target;
-            c.via_waypoint = 1;
-            return endpoint(ctx);
-        }
+        None if via_waypoint => return direct(ctx, dst, target, netns, true, endpoint),
         None => return ALLOW,
     };
     if svc.slot_count == 0 {
@@ -259,6 +255,29 @@ fn entry(
     let _ = unsafe { stages.tail_call(ctx, svc.lb_policy) };
     count(stats::CONNECT_STAGE_INLINE);
     lb_stage(ctx, stages, lb::pick, endpoint)
+}
+
+/// Dials `backend` instead of `dst` without an LB stage (the endpoint
+/// stage's accounting and original-destination record still apply).
+#[inline(always)]
+fn direct(
+    ctx: &SockAddrContext,
+    dst: SockAddr,
+    backend: SockAddr,
+    netns: u64,
+    via_waypoint: bool,
+    endpoint: fn(&SockAddrContext) -> i32,
+) -> i32 {
+    let Some(c) = connect_ctx() else {
+        return REJECT;
+    };
+    c.cookie = socket_cookie(ctx);
+    c.dst = dst;
+    c.svc = ServiceValue::default();
+    c.netns = netns;
+    c.backend = backend;
+    c.via_waypoint = via_waypoint as u32;
+    endpoint(ctx)
 }
 
 /// An LB stage: picks the backend with `pick`, then hands over to the

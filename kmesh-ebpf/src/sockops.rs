@@ -88,6 +88,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             crate::waypoint::on_established(&ctx);
+            crate::l7::on_established(&ctx);
             on_established(&ctx, DIR_OUTBOUND)
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, DIR_INBOUND),

@@ -16,6 +16,9 @@ pub struct FlatConfig {
     /// One service per listener, by VIP:port (the service map key is
     /// [`crate::addr::to_abi`] of it).
     pub services: BTreeMap<SocketAddr, FlatService>,
+    /// HTTP services decided per request, by VIP:port.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub l7: Vec<FlatL7>,
     /// The mesh warnings followed by those of flattening.
     pub warnings: Vec<String>,
 }
@@ -25,6 +28,18 @@ impl FlatConfig {
     pub fn slot_count(&self) -> usize {
         self.services.values().map(|s| s.slots.len()).sum()
     }
+}
+
+/// An HTTP service routed per request: its route table and, for every
+/// cluster the table names, the slots a request to it picks from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FlatL7 {
+    pub listener: String,
+    pub vip: SocketAddr,
+    pub table: crate::l7::L7Table,
+    /// Cluster → slots (weighted as for a service of that one cluster).
+    /// Empty when the cluster has no endpoint: requests to it get 503.
+    pub clusters: BTreeMap<String, Vec<SocketAddr>>,
 }
 
 /// One service: a VIP:port and the slots the kernel picks a backend from.
@@ -145,9 +160,11 @@ fn flatten_impl(mesh: &MeshConfig) -> Result<(FlatConfig, Vec<crate::ConfigError
         );
         return Err(ConfigErrors(d.errors));
     }
+    let l7 = flatten_l7(&mesh.l7, mesh);
     Ok((
         FlatConfig {
             services,
+            l7,
             warnings: d.warnings,
         },
         d.errors,
@@ -488,4 +505,41 @@ mod tests {
         let names: Vec<u16> = slots.iter().map(SocketAddr::port).collect();
         assert_eq!(names, vec![1, 2, 3, 1, 3, 1]);
     }
+}
+
+/// The slot tables of the clusters per-request routes name, for each L7
+/// listener. A cluster without endpoints gets no slots: a 503 per request,
+/// not a configuration error.
+pub(crate) fn flatten_l7(l7: &[crate::l7::L7Listener], mesh: &MeshConfig) -> Vec<FlatL7> {
+    let mut out = Vec::new();
+    for l in l7 {
+        let mut clusters = BTreeMap::new();
+        for vh in &l.table.vhosts {
+            for r in &vh.routes {
+                for (c, _) in r.action.clusters() {
+                    if clusters.contains_key(c) {
+                        continue;
+                    }
+                    // A cluster without endpoints is a 503 per request, not
+                    // a configuration error.
+                    let one = Listener {
+                        name: l.name.clone(),
+                        address: l.address,
+                        route: crate::model::TcpRoute::Cluster(c.to_string()),
+                    };
+                    let slots = service(&one, mesh, &mut Diag::default())
+                        .map(|s| s.slots)
+                        .unwrap_or_default();
+                    clusters.insert(c.to_string(), slots);
+                }
+            }
+        }
+        out.push(FlatL7 {
+            listener: l.name.clone(),
+            vip: l.address,
+            table: l.table.clone(),
+            clusters,
+        });
+    }
+    out
 }

@@ -262,7 +262,7 @@ fn content_condition(m: Option<&pb_route::RouteMatch>) -> Option<String> {
 }
 
 /// A route's action, as a connect-time route, or why it is not one.
-fn route_action(
+pub(crate) fn route_action(
     r: &pb_route::Route,
     d: &mut Diag,
     scratch: &mut Diag,

@@ -92,6 +92,8 @@ pub struct Incremental {
     /// Two listeners claimed one VIP in the last build: ownership depends
     /// on listener order, so listener changes take a full compile.
     contested: bool,
+    /// Per-request (L7) listeners, by listener name.
+    l7: BTreeMap<String, Vec<crate::l7::L7Listener>>,
 }
 
 /// The EDS service name of an EDS cluster.
@@ -176,6 +178,7 @@ impl Incremental {
         let mut inc = Incremental {
             mesh: MeshConfig {
                 listeners: Vec::new(),
+                l7: Vec::new(),
                 clusters: BTreeMap::new(),
                 warnings: Vec::new(),
             },
@@ -184,6 +187,7 @@ impl Incremental {
             compiled: Compiled {
                 flat: crate::FlatConfig {
                     services: BTreeMap::new(),
+                    l7: Vec::new(),
                     warnings: Vec::new(),
                 },
                 excluded: Vec::new(),
@@ -199,6 +203,7 @@ impl Incremental {
             cluster_cla: BTreeMap::new(),
             notes: BTreeMap::new(),
             contested: false,
+            l7: BTreeMap::new(),
         };
         let mut global = Diag::default();
         let clas = crate::mesh::load_assignments_by_name(r, &mut global);
@@ -268,11 +273,14 @@ impl Incremental {
             // The same error the whole-config flatten gives.
             let (_, more) = flatten_lenient(&MeshConfig {
                 listeners: inc.by_vip.values().cloned().collect(),
+                l7: Vec::new(),
                 clusters: inc.mesh.clusters.clone(),
                 warnings: Vec::new(),
             })?;
             return Err(ConfigErrors(more));
         }
+        inc.mesh.l7 = inc.l7.values().flatten().cloned().collect();
+        inc.compiled.flat.l7 = crate::flatten::flatten_l7(&inc.mesh.l7, &inc.mesh);
         inc.refresh_notes();
         Ok(inc)
     }
@@ -300,6 +308,11 @@ impl Incremental {
         self.passthrough = set.passthrough;
         let mut out = Ok(());
         let res = listener_label(&l.name);
+        if built.l7.is_empty() {
+            self.l7.remove(&l.name);
+        } else {
+            self.l7.insert(l.name.clone(), built.l7);
+        }
         for m in built.listeners {
             if let Some(other) = self.by_vip.get(&m.address) {
                 d.error(
@@ -494,6 +507,11 @@ impl Incremental {
     /// removed), or `None` when a full compile is needed; then this value
     /// must be replaced.
     pub fn update(&mut self, src: &impl ResourceSource, ch: &Changes) -> Option<Vec<SocketAddr>> {
+        // Per-request (L7) tables are rebuilt by full compiles only: any
+        // change while one is installed takes that path.
+        if !self.l7.is_empty() {
+            return None;
+        }
         let mut notes_changed = false;
         let mut relisten: BTreeSet<String> = ch.listeners.iter().cloned().collect();
         for r in &ch.route_configs {
@@ -605,8 +623,11 @@ impl Incremental {
                     );
                 }
                 self.index_listener(n, refs);
-                if self.build_one(&l, &rcs.iter().collect::<Vec<_>>()).is_err() {
-                    // Who owns a contested VIP depends on listener order.
+                if self.build_one(&l, &rcs.iter().collect::<Vec<_>>()).is_err()
+                    || !self.l7.is_empty()
+                {
+                    // Who owns a contested VIP depends on listener order;
+                    // a new per-request table needs a full compile.
                     return None;
                 }
                 for v in self.listener_vips.get(n).into_iter().flatten() {

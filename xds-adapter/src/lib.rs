@@ -33,6 +33,8 @@ mod error;
 mod flatten;
 mod http;
 mod incremental;
+pub mod l7;
+mod l7route;
 pub mod maglev;
 mod mesh;
 pub mod model;
@@ -48,7 +50,9 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use flatten::{cluster_id, flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatService};
+pub use flatten::{
+    cluster_id, flatten, flatten_lenient, FlatConfig, FlatEndpoint, FlatL7, FlatService,
+};
 pub use incremental::{Changes, Incremental, ResourceSource};
 pub use mesh::MeshConfig;
 pub use xds::{

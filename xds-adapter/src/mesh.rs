@@ -15,7 +15,7 @@ use crate::model::{
     self, cla_label, cluster_label, convert_cluster, convert_listener, listener_label, HttpRoutes,
     ListenerKind, Route, TcpRoute,
 };
-use crate::{ResourceRefs, Resources};
+use crate::{l7route, ResourceRefs, Resources};
 
 /// The validated configuration: listeners with their routes, and the
 /// clusters they use.
@@ -23,6 +23,10 @@ use crate::{ResourceRefs, Resources};
 pub struct MeshConfig {
     /// In configuration order.
     pub listeners: Vec<model::Listener>,
+    /// HTTP listeners on a VIP whose routes depend on the request: decided
+    /// per request (sk_msg + connector).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub l7: Vec<crate::l7::L7Listener>,
     /// By cluster name.
     pub clusters: BTreeMap<String, model::Cluster>,
     /// Things that are accepted but not (fully) honoured, e.g. fields the
@@ -98,7 +102,11 @@ impl MeshConfig {
             }
         }
 
-        let Built { listeners, used } = build_listeners(r, &set, lenient, true, &mut d);
+        let Built {
+            listeners,
+            l7,
+            used,
+        } = build_listeners(r, &set, lenient, true, &mut d);
         for name in set.usable.keys() {
             if !used.contains(name) {
                 d.warn(&cluster_label(name), "", "not used by any listener");
@@ -109,6 +117,7 @@ impl MeshConfig {
         (
             MeshConfig {
                 listeners,
+                l7,
                 clusters,
                 warnings: d.warnings,
             },
@@ -187,6 +196,8 @@ impl ClusterSet {
 /// What [`build_listeners`] found.
 pub(crate) struct Built {
     pub listeners: Vec<model::Listener>,
+    /// HTTP listeners on a VIP whose routes are decided per request.
+    pub l7: Vec<crate::l7::L7Listener>,
     /// Clusters referenced by installed or attempted services.
     pub used: BTreeSet<String>,
 }
@@ -225,6 +236,7 @@ pub(crate) fn build_listeners(
     }
 
     let mut listeners = Vec::new();
+    let mut l7 = Vec::new();
     let mut names = BTreeSet::new();
     let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
     let mut used = BTreeSet::new();
@@ -314,18 +326,54 @@ pub(crate) fn build_listeners(
                         ));
                     }
                 } else {
-                    match vhost_for_vip(conv.address, vhosts) {
+                    let why = match vhost_for_vip(conv.address, vhosts) {
                         Some(i) => match &vhosts[i].outcome {
-                            Ok((route, refs)) => candidates.push((conv.address, route.clone(), refs.clone(), rc_res.clone())),
-                            Err(why) => d.warn(&res, "", format!(
-                                "{}: not installed, connects to {} are left alone: {why}",
-                                via(&vhosts[i]), conv.address
-                            )),
+                            Ok((route, refs)) => {
+                                candidates.push((
+                                    conv.address,
+                                    route.clone(),
+                                    refs.clone(),
+                                    rc_res.clone(),
+                                ));
+                                None
+                            }
+                            Err(why) => Some(format!("{}: {why}", via(&vhosts[i]))),
                         },
-                        None => d.warn(&res, "", format!(
-                            "no virtual host of {rc_res} matches {} (by IP domain or \"*\"); not installed",
+                        None => Some(format!(
+                            "no virtual host of {rc_res} matches {} by IP domain or \"*\"",
                             conv.address
                         )),
+                    };
+                    if vhosts.is_empty() {
+                        d.warn(&res, "", format!(
+                            "no virtual host of {rc_res} matches {} (by IP domain or \"*\"); not installed",
+                            conv.address
+                        ));
+                    } else if let Some(why) = why {
+                        // Decided per request instead, when the kernel
+                        // tables can express the routes.
+                        let (rc, rc_path) = match &src {
+                            HttpRoutes::Inline(rc, path) => (&**rc, path.as_str()),
+                            HttpRoutes::Rds(name) => (rds[name.as_str()], ""),
+                        };
+                        match l7route::l7_table(rc, &rc_res, rc_path) {
+                            Ok((table, refs)) => {
+                                used.extend(refs.iter().map(|r| r.0.clone()));
+                                if let Some((c, path)) = refs.iter().find(|r| !clusters.contains_key(&r.0)) {
+                                    if !failed.contains(c.as_str()) || lenient {
+                                        d.error(&rc_res, path, format!("cluster {c:?} is not defined or not usable; {} not installed", conv.address));
+                                    }
+                                } else if let Some(other) = addrs.insert(conv.address, l.name.clone()) {
+                                    d.error(&res, "address", format!("{} is already captured by listener {other:?}", conv.address));
+                                } else {
+                                    l7.push(crate::l7::L7Listener { name: l.name.clone(), address: conv.address, table });
+                                }
+                            }
+                            Err((field, msg)) => d.warn(&res, "", format!(
+                                "not installed, connects to {} are left alone: {why}; and it cannot be decided per request: {rc_res} {field}: {msg}",
+                                conv.address
+                            )),
+                        }
                     }
                 }
             }
@@ -392,7 +440,11 @@ pub(crate) fn build_listeners(
             d.warn(&route_config_label(name), "", "not used by any listener");
         }
     }
-    Built { listeners, used }
+    Built {
+        listeners,
+        l7,
+        used,
+    }
 }
 
 /// A service a listener would install: (VIP, route, cluster references as

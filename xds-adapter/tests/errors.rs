@@ -580,6 +580,7 @@ fn all_errors_are_collected() {
 fn mesh_with(listeners: Vec<Listener>, clusters: Vec<Cluster>) -> MeshConfig {
     MeshConfig {
         listeners,
+        l7: Vec::new(),
         clusters: clusters.into_iter().map(|c| (c.name.clone(), c)).collect(),
         warnings: Vec::new(),
     }

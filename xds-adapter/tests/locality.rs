@@ -203,6 +203,7 @@ fn a_vip_claimed_twice_over_the_workload_api_is_reported() {
         ports: [(80, 80)].into(),
         lb: LbMode::Random,
         load_balancing: None,
+        waypoint: None,
     };
     let cfg = LocalConfig {
         services: vec![svc("a"), svc("b")],

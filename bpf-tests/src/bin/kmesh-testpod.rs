@@ -15,6 +15,9 @@
 //! - `hold ADDR COUNT`: opens COUNT connections, prints their backends as a
 //!   JSON line, then for every line `check` on stdin sends a probe on each
 //!   connection and prints how many echoed it back; ends on EOF.
+//! - `send ADDR`: one connection to ADDR; every stdin line is a JSON string
+//!   written in one write(); then one line is read back from the peer and
+//!   printed. Ends on EOF.
 //! - `http ADDR...`: a minimal HTTP/1.1 server for benchmarks: every
 //!   request gets `200 ok` (2-byte body); keep-alive unless the request
 //!   says `Connection: close`. One thread per connection (64 KiB stacks),
@@ -26,6 +29,9 @@
 //!   request header `HEADER` (`name: value`) if given; prints the `connect`
 //!   JSON line with the response bodies as backend names (a non-200
 //!   answer counts as an error of kind `status <code>`).
+//! - `http-client ADDR`: one kept-alive connection; every stdin line is a
+//!   JSON string sent as one write, then one response is read and printed
+//!   as a JSON line (status, body, peer = getpeername()).
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -81,7 +87,9 @@ fn main() {
             parse_count(&args[2]),
             args.get(3).map(String::as_str),
         ),
-        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR... | http-named NAME ADDR... | get ADDR N [HEADER]"),
+        Some("http-client") if args.len() == 2 => http_client(parse_addr(&args[1])),
+        Some("send") if args.len() == 2 => send(parse_addr(&args[1])),
+        _ => die("usage: kmesh-testpod [--netns PATH] [--cgroup DIR] [--timeout-ms N] serve NAME ADDR... | connect ADDR N | loop ADDR MILLIS | talk ADDR N BYTES | hold ADDR N | http ADDR... | http-named NAME ADDR... | get ADDR N [HEADER] | http-client ADDR | send ADDR"),
     }
 }
 
@@ -257,6 +265,85 @@ fn hold(addr: SocketAddr, count: usize) {
             }
         }
         println!("{}", serde_json::json!({ "echoed": ok, "of": conns.len() }));
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// The stdin lines of `send` and `http-client`, each a JSON string.
+fn stdin_strings() -> impl Iterator<Item = String> {
+    std::io::stdin().lock().lines().map(|line| {
+        let line = line.unwrap_or_else(|e| die(&format!("stdin: {e}")));
+        serde_json::from_str(&line).unwrap_or_else(|e| die(&format!("bad line {line:?}: {e}")))
+    })
+}
+
+/// A connected stream and a buffered reader of it.
+fn split(s: TcpStream) -> (BufReader<TcpStream>, TcpStream) {
+    (
+        BufReader::new(s.try_clone().unwrap_or_else(|e| die(&format!("{e}")))),
+        s,
+    )
+}
+
+fn send(addr: SocketAddr) {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
+    let (mut r, mut w) = split(s);
+    for bytes in stdin_strings() {
+        w.write_all(bytes.as_bytes())
+            .unwrap_or_else(|e| die(&format!("write: {e}")));
+        let mut answer = String::new();
+        r.read_line(&mut answer)
+            .unwrap_or_else(|e| die(&format!("read: {e}")));
+        println!("{}", answer.trim_end());
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// One kept-alive connection to `addr`; every stdin line is a JSON string
+/// (a request) written in one write(), then one response is read
+/// (Content-Length framed, or until close) and printed as
+/// `{"status":N,"body":"..","peer":"ip:port","closed":bool}`; status 0 when
+/// the connection closed without an answer.
+fn http_client(addr: SocketAddr) {
+    let timeout = Duration::from_millis(*CONNECT_TIMEOUT_MS.get().unwrap_or(&3000));
+    let s = TcpStream::connect_timeout(&addr, timeout)
+        .unwrap_or_else(|e| die(&format!("connect {addr}: {e}")));
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let (mut r, mut w) = split(s);
+    for bytes in stdin_strings() {
+        let _ = w.write_all(bytes.as_bytes());
+        let (mut status, mut len, mut closed) = (0u16, None, false);
+        let mut head = String::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l).unwrap_or(0) == 0 {
+                closed = true;
+                break;
+            }
+            if head.is_empty() {
+                status = l
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+            }
+            head.push_str(&l);
+            let lower = l.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse::<usize>().ok();
+            }
+            if l == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len.unwrap_or(0)];
+        if !closed && r.read_exact(&mut body).is_err() {
+            closed = true;
+        }
+        println!(
+            "{}",
+            serde_json::json!({"status": status, "body": String::from_utf8_lossy(&body), "peer": peer, "closed": closed, "head": head})
+        );
         let _ = std::io::stdout().flush();
     }
 }

@@ -55,6 +55,7 @@ impl CloneSummary for Compiled {
         Compiled {
             flat: xds_adapter::FlatConfig {
                 services: Default::default(),
+                l7: Vec::new(),
                 warnings: Vec::new(),
             },
             excluded: self.excluded.clone(),

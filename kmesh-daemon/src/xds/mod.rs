@@ -54,6 +54,9 @@ impl Sink for DataplaneSink {
         let applied = dp.apply(&compiled.flat);
         crate::telemetry::record_config_apply(applied.is_ok());
         let summary = applied.map_err(|e| e.to_string())?;
+        if let Some(c) = self.state.l7.get() {
+            c.update(&compiled.flat.l7).map_err(|e| e.to_string())?;
+        }
         // Metric labels (service names by VIP and backend) follow the config.
         // Incremental updates (apply_services) redo this O(services) step
         // only when services come or go; a backend added by an endpoint

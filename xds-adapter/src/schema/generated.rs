@@ -523,8 +523,8 @@ pub static M_ENVOY_CONFIG_ROUTE_V3_ROUTEMATCH: MsgSchema = MsgSchema {
         FieldSchema { name: "prefix", json: "prefix", tag: 1, card: Card::Oneof("path_specifier"), ty: Ty::String },
         FieldSchema { name: "path", json: "path", tag: 2, card: Card::Oneof("path_specifier"), ty: Ty::String },
         FieldSchema { name: "case_sensitive", json: "caseSensitive", tag: 4, card: Card::Single, ty: Ty::BoolValue },
-        FieldSchema { name: "headers", json: "headers", tag: 6, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::HeaderMatcher") },
-        FieldSchema { name: "query_parameters", json: "queryParameters", tag: 7, card: Card::Repeated, ty: Ty::Opaque("envoy::config::route::v3::QueryParameterMatcher") },
+        FieldSchema { name: "headers", json: "headers", tag: 6, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_HEADERMATCHER) },
+        FieldSchema { name: "query_parameters", json: "queryParameters", tag: 7, card: Card::Repeated, ty: Ty::Message(&M_ENVOY_CONFIG_ROUTE_V3_QUERYPARAMETERMATCHER) },
         FieldSchema { name: "grpc", json: "grpc", tag: 8, card: Card::Single, ty: Ty::Opaque("envoy::config::route::v3::route_match::GrpcRouteMatchOptions") },
         FieldSchema { name: "runtime_fraction", json: "runtimeFraction", tag: 9, card: Card::Single, ty: Ty::Opaque("envoy::config::core::v3::RuntimeFractionalPercent") },
         FieldSchema { name: "safe_regex", json: "safeRegex", tag: 10, card: Card::Oneof("path_specifier"), ty: Ty::Opaque("envoy::type::matcher::v3::RegexMatcher") },
@@ -628,3 +628,42 @@ pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_HTTP_CONNECTION_MANAGER_V3_HTTP_CO
 pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_TCP_PROXY_V3_PROXYPROTOCOLTLVMERGEPOLICY: &[(&str, i32)] = &[("ADD_IF_ABSENT", 0), ("OVERWRITE_BY_TYPE_IF_EXISTS_OR_ADD", 1), ("APPEND_IF_EXISTS_OR_ADD", 2)];
 pub static E_ENVOY_EXTENSIONS_FILTERS_NETWORK_TCP_PROXY_V3_UPSTREAMCONNECTMODE: &[(&str, i32)] = &[("IMMEDIATE", 0), ("ON_DOWNSTREAM_DATA", 1), ("ON_DOWNSTREAM_TLS_HANDSHAKE", 2)];
 
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_HEADERMATCHER: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::HeaderMatcher",
+    fields: &[
+        FieldSchema { name: "name", json: "name", tag: 1, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "exact_match", json: "exactMatch", tag: 4, card: Card::Oneof("header_match_specifier"), ty: Ty::String },
+        FieldSchema { name: "range_match", json: "rangeMatch", tag: 6, card: Card::Oneof("header_match_specifier"), ty: Ty::Opaque("envoy::type::v3::Int64Range") },
+        FieldSchema { name: "present_match", json: "presentMatch", tag: 7, card: Card::Oneof("header_match_specifier"), ty: Ty::Bool },
+        FieldSchema { name: "invert_match", json: "invertMatch", tag: 8, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "prefix_match", json: "prefixMatch", tag: 9, card: Card::Oneof("header_match_specifier"), ty: Ty::String },
+        FieldSchema { name: "suffix_match", json: "suffixMatch", tag: 10, card: Card::Oneof("header_match_specifier"), ty: Ty::String },
+        FieldSchema { name: "safe_regex_match", json: "safeRegexMatch", tag: 11, card: Card::Oneof("header_match_specifier"), ty: Ty::Opaque("envoy::type::matcher::v3::RegexMatcher") },
+        FieldSchema { name: "contains_match", json: "containsMatch", tag: 12, card: Card::Oneof("header_match_specifier"), ty: Ty::String },
+        FieldSchema { name: "string_match", json: "stringMatch", tag: 13, card: Card::Oneof("header_match_specifier"), ty: Ty::Message(&M_ENVOY_TYPE_MATCHER_V3_STRINGMATCHER) },
+        FieldSchema { name: "treat_missing_header_as_empty", json: "treatMissingHeaderAsEmpty", tag: 14, card: Card::Single, ty: Ty::Bool },
+    ],
+};
+
+pub static M_ENVOY_CONFIG_ROUTE_V3_QUERYPARAMETERMATCHER: MsgSchema = MsgSchema {
+    rust: "envoy::config::route::v3::QueryParameterMatcher",
+    fields: &[
+        FieldSchema { name: "name", json: "name", tag: 1, card: Card::Single, ty: Ty::String },
+        FieldSchema { name: "string_match", json: "stringMatch", tag: 5, card: Card::Oneof("query_parameter_match_specifier"), ty: Ty::Message(&M_ENVOY_TYPE_MATCHER_V3_STRINGMATCHER) },
+        FieldSchema { name: "present_match", json: "presentMatch", tag: 6, card: Card::Oneof("query_parameter_match_specifier"), ty: Ty::Bool },
+    ],
+};
+
+pub static M_ENVOY_TYPE_MATCHER_V3_STRINGMATCHER: MsgSchema = MsgSchema {
+    rust: "envoy::type::matcher::v3::StringMatcher",
+    fields: &[
+        FieldSchema { name: "exact", json: "exact", tag: 1, card: Card::Oneof("match_pattern"), ty: Ty::String },
+        FieldSchema { name: "prefix", json: "prefix", tag: 2, card: Card::Oneof("match_pattern"), ty: Ty::String },
+        FieldSchema { name: "suffix", json: "suffix", tag: 3, card: Card::Oneof("match_pattern"), ty: Ty::String },
+        FieldSchema { name: "safe_regex", json: "safeRegex", tag: 5, card: Card::Oneof("match_pattern"), ty: Ty::Opaque("envoy::type::matcher::v3::RegexMatcher") },
+        FieldSchema { name: "ignore_case", json: "ignoreCase", tag: 6, card: Card::Single, ty: Ty::Bool },
+        FieldSchema { name: "contains", json: "contains", tag: 7, card: Card::Oneof("match_pattern"), ty: Ty::String },
+        FieldSchema { name: "custom", json: "custom", tag: 8, card: Card::Oneof("match_pattern"), ty: Ty::Opaque("xds::core::v3::TypedExtensionConfig") },
+    ],
+};

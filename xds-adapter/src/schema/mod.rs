@@ -192,6 +192,9 @@ mod tests {
             ENDPOINT,
             BOOTSTRAP,
             STATIC_RESOURCES,
+            &M_ENVOY_CONFIG_ROUTE_V3_HEADERMATCHER,
+            &M_ENVOY_CONFIG_ROUTE_V3_QUERYPARAMETERMATCHER,
+            &M_ENVOY_TYPE_MATCHER_V3_STRINGMATCHER,
         ] {
             let mut tags: Vec<u32> = m.fields.iter().map(|f| f.tag).collect();
             tags.dedup();

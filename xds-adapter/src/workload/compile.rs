@@ -224,6 +224,7 @@ fn services(cfg: &LocalConfig, node: &LocalNode, errors: &mut Vec<ConfigError>) 
     }
     FlatConfig {
         services: out,
+        l7: Vec::new(),
         warnings,
     }
 }

@@ -41,8 +41,8 @@
 pub mod api;
 mod compile;
 mod parse;
-mod waypoint;
 pub mod proto;
+mod waypoint;
 
 pub use compile::{az_ip, compile, locality_rank, AuthzTables};
 pub use parse::parse_local_config;

@@ -45,6 +45,10 @@ use super::{
 };
 
 pub const VIP: &str = "10.96.0.10:80";
+/// The HTTP service routed per request (kmesh-rs L7).
+pub const VIP_L7: &str = "10.96.0.12:80";
+/// Where the L7 connector listens: the node namespace, reachable from pods.
+const L7_CONNECTOR: &str = "10.244.0.1:15016";
 const UPSTREAM_PORT: u16 = 8080;
 const SIDECAR_OUT: &str = "127.0.0.1:15001";
 const SIDECAR_IN_PORT: u16 = 15006;
@@ -55,13 +59,15 @@ const ENVOY_ADMIN: &str = "127.0.0.1:15000";
 pub enum Scenario {
     NoMesh,
     KmeshL4,
+    KmeshL7,
     Sidecars,
     NodeProxy,
 }
 
-pub const SCENARIOS: [Scenario; 4] = [
+pub const SCENARIOS: [Scenario; 5] = [
     Scenario::NoMesh,
     Scenario::KmeshL4,
+    Scenario::KmeshL7,
     Scenario::Sidecars,
     Scenario::NodeProxy,
 ];
@@ -71,6 +77,7 @@ impl Scenario {
         match self {
             Scenario::NoMesh => "no mesh (baseline)",
             Scenario::KmeshL4 => "kmesh-rs L4",
+            Scenario::KmeshL7 => "kmesh-rs L7 (kernel decision + connector)",
             Scenario::Sidecars => "Envoy sidecars (2 hops)",
             Scenario::NodeProxy => "Envoy node proxy (1 hop)",
         }
@@ -312,6 +319,20 @@ impl Daemon {
             .with_context(|| format!("no kernel counter {name} in {body}"))
     }
 
+    /// Connects the kernel sent elsewhere: to a backend (L4), or to the
+    /// connector (`l7_steered`, L7).
+    pub fn redirected(&self, scenario: Scenario) -> anyhow::Result<u64> {
+        if scenario != Scenario::KmeshL7 {
+            return self.kernel_stat("connect_redirected");
+        }
+        let (code, body) = http_get(self.admin, "/debug/l7").context("daemon admin API")?;
+        ensure!(code == 200, "/debug/l7 answered {code}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        v["l7_steered"]
+            .as_u64()
+            .with_context(|| format!("no l7_steered in {body}"))
+    }
+
     /// Summed run time (ns) and run count of the named programs, or of all
     /// of the daemon's programs when `only` is empty (bpf_stats).
     pub fn bpf_stats(&self, only: &[&str]) -> anyhow::Result<(u64, u64)> {
@@ -421,6 +442,59 @@ pub fn envoy_tcp(listen: SocketAddr, to: SocketAddr) -> String {
     )
 }
 
+/// A STATIC round-robin cluster `name` with one endpoint, as a YAML list item.
+fn static_cluster(name: &str, backend: SocketAddr) -> String {
+    format!(
+        "  - name: {name}
+    connect_timeout: 1s
+    type: STATIC
+    lb_policy: ROUND_ROBIN
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}
+",
+        backend.ip(),
+        backend.port()
+    )
+}
+
+/// The kmesh-rs config of the L7 runs: an HTTP listener on `vip` whose
+/// route depends on the request (`/admin` goes to another cluster), so
+/// every request is decided per request; the catch-all reaches `backend`.
+pub fn mesh_config_l7(vip: SocketAddr, backend: SocketAddr) -> String {
+    let c = |name: &str| static_cluster(name, backend);
+    format!(
+        "static_resources:
+  listeners:
+  - name: web
+    address: {{ socket_address: {{ address: {}, port_value: {} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: web
+          route_config:
+            name: web
+            virtual_hosts:
+            - name: web
+              domains: [\"*\"]
+              routes:
+              - match: {{ prefix: \"/admin\" }}
+                route: {{ cluster: admin }}
+              - match: {{ prefix: \"/\" }}
+                route: {{ cluster: web }}
+  clusters:
+{}{}",
+        vip.ip(),
+        vip.port(),
+        c("web"),
+        c("admin")
+    )
+}
+
 /// The kmesh-rs config of the HTTP runs: one service, VIP → the upstream.
 pub fn mesh_config(vip: SocketAddr, backend: SocketAddr) -> String {
     format!(
@@ -436,20 +510,10 @@ pub fn mesh_config(vip: SocketAddr, backend: SocketAddr) -> String {
           stat_prefix: web
           cluster: web
   clusters:
-  - name: web
-    connect_timeout: 1s
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    load_assignment:
-      cluster_name: web
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }}
-",
+{}",
         vip.ip(),
         vip.port(),
-        backend.ip(),
-        backend.port()
+        static_cluster("web", backend)
     )
 }
 
@@ -598,6 +662,11 @@ impl Bed {
     /// Starts kmesh-daemon on `config` (Envoy bootstrap text), enrolling
     /// the client pod and attaching to the node cgroup; waits until ready.
     pub fn start_daemon(&self, config: &str) -> anyhow::Result<Daemon> {
+        self.start_daemon_with(config, &[])
+    }
+
+    /// [`Bed::start_daemon`] with extra daemon flags.
+    pub fn start_daemon_with(&self, config: &str, extra: &[String]) -> anyhow::Result<Daemon> {
         let tag = format!("{}-{}", self.node.name, free_port()?);
         let cfg = std::env::temp_dir().join(format!("{tag}-mesh.yaml"));
         let log = std::env::temp_dir().join(format!("{tag}-daemon.log"));
@@ -622,6 +691,7 @@ impl Bed {
                 .arg(&bpffs_dir)
                 .arg("--admin-addr")
                 .arg(admin.to_string())
+                .args(extra)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?),
@@ -653,6 +723,14 @@ impl Bed {
         }
         d.ready_after = started.elapsed();
         d.programs = cgroup_programs(&self.node.cgroup)?;
+        // The sk_msg program of per-request routing is attached to a map,
+        // not the cgroup: the daemon names it.
+        if let Some((200, body)) = http_get(admin, "/debug/l7") {
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            if let Some(id) = v["program_id"].as_u64().filter(|id| *id > 0) {
+                d.programs.push((id as u32, "kmesh_l7_msg".into()));
+            }
+        }
         ensure!(
             d.programs.iter().any(|(_, n)| n == "kmesh_connect4"),
             "kmesh_connect4 is not attached to {}: {:?}",
@@ -666,6 +744,7 @@ impl Bed {
         match s {
             Scenario::NoMesh => format!("http://{}/", self.server.addr4(UPSTREAM_PORT)),
             Scenario::KmeshL4 => format!("http://{VIP}/"),
+            Scenario::KmeshL7 => format!("http://{VIP_L7}/"),
             Scenario::Sidecars => format!("http://{SIDECAR_OUT}/"),
             Scenario::NodeProxy => format!("http://{NODE_PROXY}/"),
         }
@@ -743,6 +822,15 @@ impl Bed {
             Scenario::KmeshL4 => Some(
                 self.start_daemon(&mesh_config(VIP.parse()?, self.server.addr4(UPSTREAM_PORT)))?,
             ),
+            Scenario::KmeshL7 => Some(self.start_daemon_with(
+                &mesh_config_l7(VIP_L7.parse()?, self.server.addr4(UPSTREAM_PORT)),
+                &[
+                    "--l7-connector-addr".into(),
+                    L7_CONNECTOR.into(),
+                    "--l7-connector-netns".into(),
+                    self.node.netns_path().to_string_lossy().into_owned(),
+                ],
+            )?),
             _ => None,
         };
         let url = self.target(scenario);
@@ -756,17 +844,17 @@ impl Bed {
             warm.non_2xx
         );
         let redirected_before = match &daemon {
-            Some(d) => d.kernel_stat("connect_redirected")?,
+            Some(d) => d.redirected(scenario)?,
             None => 0,
         };
         let before = self.cpu(daemon.as_ref())?;
         let wrk = self.wrk(&url, mode, conns, opts.duration_s)?;
         let after = self.cpu(daemon.as_ref())?;
         let redirected = match &daemon {
-            Some(d) => d.kernel_stat("connect_redirected")? - redirected_before,
+            Some(d) => d.redirected(scenario)? - redirected_before,
             None => 0,
         };
-        if scenario == Scenario::KmeshL4 {
+        if matches!(scenario, Scenario::KmeshL4 | Scenario::KmeshL7) {
             ensure!(
                 redirected >= conns as u64,
                 "kmesh-rs: only {redirected} connects were redirected for {conns} connections: traffic bypassed the kernel program"
@@ -779,7 +867,9 @@ impl Bed {
             Scenario::NoMesh => (0.0, app),
             // Program time is spent in the client's connect() and is
             // already part of the client's cgroup time.
-            Scenario::KmeshL4 => (d.daemon + d.bpf_ns as f64 / 1e9, app + d.daemon),
+            Scenario::KmeshL4 | Scenario::KmeshL7 => {
+                (d.daemon + d.bpf_ns as f64 / 1e9, app + d.daemon)
+            }
             Scenario::Sidecars => {
                 let p = d.client_proxy + d.server_proxy;
                 (p, app + p)

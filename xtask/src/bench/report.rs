@@ -260,13 +260,6 @@ pub fn render(
                     .map(|s| s.wrk.socket_errors + s.wrk.non_2xx)
                     .sum();
                 let _ = writeln!(w, " {errors} |");
-                if sc == Scenario::KmeshL4 {
-                    let _ = writeln!(
-                        w,
-                        "| kmesh-rs L7 | not yet available (issue 5) |{}",
-                        " |".repeat(cols.len())
-                    );
-                }
             }
             // Where the baseline's CPU goes: is the upstream the bottleneck?
             let cs = Spread::of(
