@@ -451,6 +451,43 @@ fn interleave(endpoints: &[FlatEndpoint]) -> Vec<SocketAddr> {
     slots
 }
 
+/// The slot tables of the clusters per-request routes name, for each L7
+/// listener. A cluster without endpoints gets no slots: a 503 per request,
+/// not a configuration error.
+pub(crate) fn flatten_l7(l7: &[crate::l7::L7Listener], mesh: &MeshConfig) -> Vec<FlatL7> {
+    let mut out = Vec::new();
+    for l in l7 {
+        let mut clusters = BTreeMap::new();
+        for vh in &l.table.vhosts {
+            for r in &vh.routes {
+                for (c, _) in r.action.clusters() {
+                    if clusters.contains_key(c) {
+                        continue;
+                    }
+                    // A cluster without endpoints is a 503 per request, not
+                    // a configuration error.
+                    let one = Listener {
+                        name: l.name.clone(),
+                        address: l.address,
+                        route: crate::model::TcpRoute::Cluster(c.to_string()),
+                    };
+                    let slots = service(&one, mesh, &mut Diag::default())
+                        .map(|s| s.slots)
+                        .unwrap_or_default();
+                    clusters.insert(c.to_string(), slots);
+                }
+            }
+        }
+        out.push(FlatL7 {
+            listener: l.name.clone(),
+            vip: l.address,
+            table: l.table.clone(),
+            clusters,
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,41 +542,4 @@ mod tests {
         let names: Vec<u16> = slots.iter().map(SocketAddr::port).collect();
         assert_eq!(names, vec![1, 2, 3, 1, 3, 1]);
     }
-}
-
-/// The slot tables of the clusters per-request routes name, for each L7
-/// listener. A cluster without endpoints gets no slots: a 503 per request,
-/// not a configuration error.
-pub(crate) fn flatten_l7(l7: &[crate::l7::L7Listener], mesh: &MeshConfig) -> Vec<FlatL7> {
-    let mut out = Vec::new();
-    for l in l7 {
-        let mut clusters = BTreeMap::new();
-        for vh in &l.table.vhosts {
-            for r in &vh.routes {
-                for (c, _) in r.action.clusters() {
-                    if clusters.contains_key(c) {
-                        continue;
-                    }
-                    // A cluster without endpoints is a 503 per request, not
-                    // a configuration error.
-                    let one = Listener {
-                        name: l.name.clone(),
-                        address: l.address,
-                        route: crate::model::TcpRoute::Cluster(c.to_string()),
-                    };
-                    let slots = service(&one, mesh, &mut Diag::default())
-                        .map(|s| s.slots)
-                        .unwrap_or_default();
-                    clusters.insert(c.to_string(), slots);
-                }
-            }
-        }
-        out.push(FlatL7 {
-            listener: l.name.clone(),
-            vip: l.address,
-            table: l.table.clone(),
-            clusters,
-        });
-    }
-    out
 }
