@@ -607,7 +607,7 @@ fn routes_from_xds_are_installed_and_replaced_per_request() {
         .unwrap();
     let netns = node.netns_path();
     let daemon = std::process::Command::new(common::workspace_bin("kmesh-daemon"))
-        .arg("--xds-address")
+        .args(["--mode", "kernel-native", "--xds-address"])
         .arg(f.uri())
         .arg("--enroll-netns")
         .arg(&client.netns_path)
