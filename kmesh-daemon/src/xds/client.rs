@@ -267,27 +267,41 @@ pub async fn run(opts: ClientOptions, mut sink: impl Sink, status: SharedStatus)
             )
             .await
         };
-        if progressed {
-            attempt = 0;
-        }
-        let why = match r {
-            Ok(()) => "the control plane closed the stream".to_string(),
-            Err(e) => e,
-        };
-        let delay = backoff_delay(&opts, attempt, &mut rng);
-        attempt = attempt.saturating_add(1);
-        tracing::warn!(
-            address = %opts.address,
-            retry_in_ms = delay.as_millis() as u64,
-            "xDS: {why}; the kernel keeps the last good config"
-        );
-        {
-            let mut s = lock(&status);
-            s.connected = false;
-            s.last_error = Some(why);
-        }
-        tokio::time::sleep(delay).await;
+        reconnect_pause(&opts, &status, "xDS", r, progressed, &mut attempt, &mut rng).await;
     }
+}
+
+/// After a stream ended with `r`: logs why, marks the status
+/// disconnected and sleeps the backoff delay of the next attempt (the
+/// attempt count restarts when the stream had made progress).
+pub(super) async fn reconnect_pause(
+    opts: &ClientOptions,
+    status: &SharedStatus,
+    what: &str,
+    r: Result<(), String>,
+    progressed: bool,
+    attempt: &mut u32,
+    rng: &mut u64,
+) {
+    if progressed {
+        *attempt = 0;
+    }
+    let why = r
+        .err()
+        .unwrap_or_else(|| "the control plane closed the stream".into());
+    let delay = backoff_delay(opts, *attempt, rng);
+    *attempt = attempt.saturating_add(1);
+    tracing::warn!(
+        address = %opts.address,
+        retry_in_ms = delay.as_millis() as u64,
+        "{what}: {why}; the kernel keeps the last good config"
+    );
+    {
+        let mut s = lock(status);
+        s.connected = false;
+        s.last_error = Some(why);
+    }
+    tokio::time::sleep(delay).await;
 }
 
 /// The delay before reconnect attempt `attempt` (0, 1, …): exponential

@@ -28,7 +28,7 @@ use xds_adapter::workload::api::{DeltaItem, WorkloadApiState, ADDRESS_TYPE, AUTH
 use xds_adapter::workload::{DualEngineConfig, LocalNode};
 
 use super::client::{
-    backoff_delay, connect, lock, mark_connected, nack_message, rpc_status, seed, with_token,
+    connect, lock, mark_connected, nack_message, reconnect_pause, rpc_status, seed, with_token,
     ClientOptions, SharedStatus,
 };
 use super::store::Rejected;
@@ -86,26 +86,16 @@ pub async fn run(
             &mut progressed,
         )
         .await;
-        if progressed {
-            attempt = 0;
-        }
-        let why = match r {
-            Ok(()) => "the control plane closed the stream".to_string(),
-            Err(e) => e,
-        };
-        let delay = backoff_delay(&opts, attempt, &mut rng);
-        attempt = attempt.saturating_add(1);
-        tracing::warn!(
-            address = %opts.address,
-            retry_in_ms = delay.as_millis() as u64,
-            "workload API: {why}; the kernel keeps the last good config"
-        );
-        {
-            let mut s = lock(&status);
-            s.connected = false;
-            s.last_error = Some(why);
-        }
-        tokio::time::sleep(delay).await;
+        reconnect_pause(
+            &opts,
+            &status,
+            "workload API",
+            r,
+            progressed,
+            &mut attempt,
+            &mut rng,
+        )
+        .await;
     }
 }
 
