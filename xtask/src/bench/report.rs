@@ -226,8 +226,7 @@ pub fn render(
          Latency is wrk's (request written → response read; with a new connection per request the TCP handshake is not in it, \
          but it is in req/s). *Mesh CPU* is what the mesh adds, in CPU seconds per 10,000 requests: the daemon process plus \
          the kernel programs' run time (bpf_stats) for kmesh-rs, the proxies' cgroups for Envoy. *Total CPU* adds the client \
-         (wrk) and the upstream cgroups; the target \"CPU per request within 10%\" is read on it. \
-         kmesh-rs L7 (an HTTP route decided in the kernel): **not yet available (issue 5)**.\n"
+         (wrk) and the upstream cgroups; the target \"CPU per request within 10%\" is read on it.\n"
     );
     let cols = [
         ("req/s", Col::Rps),
