@@ -884,7 +884,7 @@ pub mod workload_api {
         Any {
             type_url: ADDRESS_TYPE.into(),
             value: proto::Address {
-                r#type: Some(proto::address::Type::Service(s.clone())),
+                r#type: Some(proto::address::Type::Service(Box::new(s.clone()))),
             }
             .encode_to_vec(),
         }

@@ -18,7 +18,8 @@ use prost::Message;
 use super::proto;
 use super::{
     Action, Cidr, HealthPolicy, LbMode, LoadBalancing, LocalConfig, Locality, LocalityMode,
-    LocalityScope, Match, Policy, Scope, Service, StringMatch, Workload,
+    LocalityScope, Match, Policy, Scope, Service, StringMatch, Waypoint, WaypointDestination,
+    Workload,
 };
 use crate::{ConfigError, ConfigErrors};
 
@@ -161,12 +162,7 @@ impl TryFrom<proto::Workload> for Checked<Workload> {
                 true
             }
         };
-        if w.waypoint.is_some() {
-            r.warn(
-                "waypoint",
-                "waypoints from the workload API are not implemented yet (the local config has them); traffic to this workload goes direct and its L7 policies are not enforced",
-            );
-        }
+        let waypoint = w.waypoint.and_then(|g| waypoint(&mut r, g));
         if w.application_tunnel
             .as_ref()
             .is_some_and(|t| t.protocol != 0)
@@ -197,7 +193,7 @@ impl TryFrom<proto::Workload> for Checked<Workload> {
             })
             .unwrap_or_default();
         let value = Workload {
-            waypoint: None,
+            waypoint,
             service_account: if w.service_account.is_empty() {
                 "default".into()
             } else {
@@ -245,15 +241,10 @@ impl TryFrom<proto::Service> for Checked<Service> {
             }
         }
         let ports = port_map(&mut r, "ports", &s.ports);
-        if s.waypoint.is_some() {
-            r.warn(
-                "waypoint",
-                "waypoints from the workload API are not implemented yet (the local config has them); the service's endpoints are reached directly",
-            );
-        }
+        let waypoint = s.waypoint.and_then(|g| waypoint(&mut r, g));
         let load_balancing = s.load_balancing.map(|lb| load_balancing(&mut r, lb));
         let value = Service {
-            waypoint: None,
+            waypoint,
             name: s.name,
             namespace: s.namespace,
             hostname: s.hostname,
@@ -264,6 +255,61 @@ impl TryFrom<proto::Service> for Checked<Service> {
         };
         r.finish(value)
     }
+}
+
+/// `waypoint` of a workload or service → the same [`Waypoint`] the local
+/// config produces; `None` (with an error in `r`) when it is invalid.
+fn waypoint(r: &mut Report, g: proto::GatewayAddress) -> Option<Waypoint> {
+    use proto::gateway_address::Destination;
+    let port = match u16::try_from(g.hbone_mtls_port) {
+        Ok(0) => {
+            r.err(
+                "waypoint.hbone_mtls_port",
+                "missing (required): the port the waypoint accepts connections on",
+            );
+            None
+        }
+        Ok(p) => Some(p),
+        Err(_) => {
+            r.err(
+                "waypoint.hbone_mtls_port",
+                format!("{} is not a port (1-65535)", g.hbone_mtls_port),
+            );
+            None
+        }
+    };
+    let destination = match g.destination {
+        None => {
+            r.err(
+                "waypoint.destination",
+                "missing (required): one of address or hostname",
+            );
+            None
+        }
+        Some(Destination::Address(a)) => match ip_of(&a.address) {
+            Some(ip) => Some(WaypointDestination::Address(ip)),
+            None => {
+                r.err(
+                    "waypoint.address.address",
+                    format!(
+                        "{} bytes is not an IPv4 (4) or IPv6 (16) address",
+                        a.address.len()
+                    ),
+                );
+                None
+            }
+        },
+        Some(Destination::Hostname(h)) => {
+            r.required("waypoint.hostname.namespace", &h.namespace);
+            r.required("waypoint.hostname.hostname", &h.hostname);
+            (!h.namespace.is_empty() && !h.hostname.is_empty())
+                .then(|| WaypointDestination::Hostname(format!("{}/{}", h.namespace, h.hostname)))
+        }
+    };
+    Some(Waypoint {
+        destination: destination?,
+        port: port?,
+    })
 }
 
 fn load_balancing(r: &mut Report, lb: proto::LoadBalancing) -> LoadBalancing {
@@ -488,7 +534,7 @@ fn decode(type_url: &str, any_type: &str, bytes: &[u8]) -> Result<Checked<Held>,
                     })
                 }
                 Some(proto::address::Type::Service(s)) => {
-                    let c = Checked::<Service>::try_from(s).map_err(errs)?;
+                    let c = Checked::<Service>::try_from(*s).map_err(errs)?;
                     Ok(Checked {
                         value: Held::Service(c.value),
                         warnings: c.warnings,
@@ -741,13 +787,117 @@ mod tests {
     #[test]
     fn unhonoured_fields_are_warned_about() {
         let mut w = workload("w", [10, 0, 0, 1]);
-        w.waypoint = Some(proto::GatewayAddress {
+        w.capacity = Some(proto::UInt32Value { value: 3 });
+        w.network_gateway = Some(proto::GatewayAddress {
+            destination: None,
             hbone_mtls_port: 15008,
         });
-        w.capacity = Some(proto::UInt32Value { value: 3 });
         let c = Checked::<Workload>::try_from(w).unwrap();
-        assert!(c.warnings[0].contains("field waypoint"), "{:?}", c.warnings);
-        assert!(c.warnings[1].contains("field capacity"), "{:?}", c.warnings);
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("field capacity"), "{:?}", c.warnings);
+        assert!(
+            c.warnings[1].contains("field network_gateway"),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn waypoints_convert_to_the_local_config_shape() {
+        use proto::gateway_address::Destination;
+        // Address form, on a workload; the bytes round-trip through the
+        // wire encoding so the field numbers are exercised too.
+        let mut w = workload("w", [10, 0, 0, 1]);
+        w.waypoint = Some(proto::GatewayAddress {
+            destination: Some(Destination::Address(proto::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 0, 0, 9],
+            })),
+            hbone_mtls_port: 15008,
+        });
+        let w = proto::Workload::decode(any_bytes(&w).as_slice()).unwrap();
+        let c = Checked::<Workload>::try_from(w).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(
+            c.value.waypoint,
+            Some(Waypoint {
+                destination: WaypointDestination::Address("10.0.0.9".parse().unwrap()),
+                port: 15008,
+            })
+        );
+        // Hostname form, on a service.
+        let s = proto::Service {
+            name: "web".into(),
+            namespace: "ns".into(),
+            hostname: "web.ns.svc.cluster.local".into(),
+            waypoint: Some(proto::GatewayAddress {
+                destination: Some(Destination::Hostname(proto::NamespacedHostname {
+                    namespace: "ns".into(),
+                    hostname: "wp.ns.svc.cluster.local".into(),
+                })),
+                hbone_mtls_port: 15008,
+            }),
+            ..Default::default()
+        };
+        let s = proto::Service::decode(any_bytes(&s).as_slice()).unwrap();
+        let c = Checked::<Service>::try_from(s).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(
+            c.value.waypoint,
+            Some(Waypoint {
+                destination: WaypointDestination::Hostname("ns/wp.ns.svc.cluster.local".into()),
+                port: 15008,
+            })
+        );
+    }
+
+    #[test]
+    fn invalid_waypoints_are_rejected_naming_the_field() {
+        use proto::gateway_address::Destination;
+        let mut w = workload("w", [10, 0, 0, 1]);
+        w.waypoint = Some(proto::GatewayAddress {
+            destination: Some(Destination::Address(proto::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 0, 9],
+            })),
+            hbone_mtls_port: 0,
+        });
+        let e = Checked::<Workload>::try_from(w).unwrap_err().to_string();
+        assert!(
+            e.contains("workload \"ns/w\": field waypoint.address.address"),
+            "{e}"
+        );
+        assert!(e.contains("field waypoint.hbone_mtls_port"), "{e}");
+        let s = proto::Service {
+            name: "web".into(),
+            namespace: "ns".into(),
+            hostname: "web.ns.svc.cluster.local".into(),
+            waypoint: Some(proto::GatewayAddress {
+                destination: None,
+                hbone_mtls_port: 15008,
+            }),
+            ..Default::default()
+        };
+        let e = Checked::<Service>::try_from(s).unwrap_err().to_string();
+        assert!(
+            e.contains("service \"ns/web\": field waypoint.destination"),
+            "{e}"
+        );
+        let s = proto::Service {
+            name: "web".into(),
+            namespace: "ns".into(),
+            hostname: "web.ns.svc.cluster.local".into(),
+            waypoint: Some(proto::GatewayAddress {
+                destination: Some(Destination::Hostname(proto::NamespacedHostname {
+                    namespace: "ns".into(),
+                    hostname: String::new(),
+                })),
+                hbone_mtls_port: 15008,
+            }),
+            ..Default::default()
+        };
+        let e = Checked::<Service>::try_from(s).unwrap_err().to_string();
+        assert!(e.contains("field waypoint.hostname.hostname"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `istio.security.Authorization`) as the daemon reads them: only the
 //! fields the kernel engine uses or must report, with the upstream field
 //! numbers. Fields not declared here are skipped when decoding; the ones
-//! we decode only to report (waypoints, network gateways, dry run,
+//! we decode only to report (network gateways, dry run,
 //! passthrough) are turned into warnings or errors by [`super::api`].
 //! Enums are kept as their wire integers and matched against the
 //! constants below, so an enum value newer than this file is an error
@@ -22,8 +22,8 @@ pub mod address {
     pub enum Type {
         #[prost(message, boxed, tag = "1")]
         Workload(Box<super::Workload>),
-        #[prost(message, tag = "2")]
-        Service(super::Service),
+        #[prost(message, boxed, tag = "2")]
+        Service(Box<super::Service>),
     }
 }
 
@@ -164,11 +164,32 @@ pub struct Port {
     pub target_port: u32,
 }
 
-/// Only whether it is set matters here (waypoints are reported).
+/// A waypoint (or network gateway): an address or a service, and the
+/// port it accepts tunnelled connections on.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct GatewayAddress {
+    #[prost(oneof = "gateway_address::Destination", tags = "1, 2")]
+    pub destination: Option<gateway_address::Destination>,
     #[prost(uint32, tag = "3")]
     pub hbone_mtls_port: u32,
+}
+
+pub mod gateway_address {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Destination {
+        #[prost(message, tag = "1")]
+        Hostname(super::NamespacedHostname),
+        #[prost(message, tag = "2")]
+        Address(super::NetworkAddress),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NamespacedHostname {
+    #[prost(string, tag = "1")]
+    pub namespace: String,
+    #[prost(string, tag = "2")]
+    pub hostname: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
