@@ -15,15 +15,15 @@ use std::{
 };
 
 use bpf_tests::http_get;
-use common::{bootstrap, workspace_bin, Bpffs, ClusterSpec, Daemon, ListenerSpec, TESTPOD};
+use common::{
+    bootstrap, free_port, workspace_bin, Bpffs, ClusterSpec, Daemon, ListenerSpec, TESTPOD,
+};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// The two tests each start a daemon and a Prometheus on ports picked by
+/// `free_port` (bind to 0, then release); side by side, the other test's
+/// outgoing connections (ephemeral ports) can take such a port before it
+/// is bound (seen once in CI). One at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -255,6 +255,7 @@ fn prom_query(prom: SocketAddr, q: &str) -> serde_json::Value {
 #[test]
 fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
     bpf_tests::require_root();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let prometheus = require_tool("prometheus");
     let promtool = require_tool("promtool");
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
@@ -475,6 +476,7 @@ fn prometheus_scrapes_the_daemon_and_every_dashboard_panel_has_data() {
 #[test]
 fn dual_engine_authorization_panels_have_data() {
     bpf_tests::require_root();
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let prometheus = require_tool("prometheus");
     let promtool = require_tool("promtool");
     let mut node = bpf_tests::Node::new("kmoa", Path::new(TESTPOD)).unwrap();

@@ -18,7 +18,7 @@ use std::{
 };
 
 use bpf_tests::http_get;
-use common::{workspace_bin, TESTPOD};
+use common::{free_port, workspace_bin, TESTPOD};
 use kmesh_daemon::xds::fixture::{resources as r, AdsFixture, Kind};
 use kmesh_daemon::xds::store::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use kmesh_daemon::xds::to_any;
@@ -47,14 +47,6 @@ impl Drop for Bpffs {
         let _ = Command::new("umount").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn json(admin: SocketAddr, path: &str) -> serde_json::Value {

@@ -199,12 +199,23 @@ impl Drop for Bpffs {
     }
 }
 
+/// A loopback port that was free a moment ago and that no other caller
+/// in this process got: tests of one binary run in parallel, and the
+/// kernel may hand the same just-released port to two of them.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running `kmesh-daemon` binary; SIGKILLed on drop if still running.
