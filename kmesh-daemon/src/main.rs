@@ -479,7 +479,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
     });
 
     // Not ready (admin says so) while another daemon owns the pins.
-    let _pin_lock = match pinlock::try_acquire(&pins)? {
+    let pin_lock = match pinlock::try_acquire(&pins)? {
         Some(l) => l,
         None => {
             tracing::warn!(lock = %pinlock::lock_path(&pins).display(), "another kmesh daemon owns the pinned state; waiting for it to exit");
@@ -701,6 +701,7 @@ async fn run(args: RunArgs, log_control: logging::LogControl) -> anyhow::Result<
         );
         drop(dp);
     }
+    pinlock::release_and_remove(pin_lock);
     tracing::info!("detached and unpinned; bye");
     Ok(())
 }

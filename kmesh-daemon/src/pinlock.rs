@@ -11,6 +11,12 @@
 //! and the new pod surely share. It is not the pin directory itself because
 //! an ABI migration renames that. The kernel drops the lock when the process
 //! dies, `kill -9` included, so a crashed daemon never blocks the next one.
+//!
+//! A daemon that detaches removes the lock directory too (nothing of it is
+//! left behind). A daemon that was waiting on it then holds the lock of a
+//! directory that is gone, while a third could create a new one: so a lock
+//! counts only if the path still names the directory that was locked
+//! (same device and inode); otherwise it is taken again.
 
 use std::{
     fs::File,
@@ -43,23 +49,47 @@ pub fn lock_path(pin_dir: &Path) -> PathBuf {
 
 /// Takes the lock if it is free; `Ok(None)` when another process holds it.
 pub fn try_acquire(pin_dir: &Path) -> io::Result<Option<PinLock>> {
-    let (dir, path) = open(pin_dir)?;
-    match flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
-        Ok(()) => Ok(Some(PinLock { _dir: dir, path })),
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
-        Err(e) => Err(io::Error::new(
-            e.kind(),
-            format!("flock {}: {e}", path.display()),
-        )),
-    }
+    lock(pin_dir, libc::LOCK_EX | libc::LOCK_NB)
 }
 
 /// Waits until the lock is free. Blocking: call it off the async runtime.
 pub fn acquire(pin_dir: &Path) -> io::Result<PinLock> {
-    let (dir, path) = open(pin_dir)?;
-    flock(&dir, libc::LOCK_EX)
-        .map_err(|e| io::Error::new(e.kind(), format!("flock {}: {e}", path.display())))?;
-    Ok(PinLock { _dir: dir, path })
+    loop {
+        if let Some(l) = lock(pin_dir, libc::LOCK_EX)? {
+            return Ok(l);
+        }
+    }
+}
+
+/// Removes the lock directory while holding it (a detaching daemon).
+pub fn release_and_remove(l: PinLock) {
+    let _ = std::fs::remove_dir(&l.path);
+}
+
+fn lock(pin_dir: &Path, op: libc::c_int) -> io::Result<Option<PinLock>> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let (dir, path) = open(pin_dir)?;
+        match flock(&dir, op) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => return Ok(None),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("flock {}: {e}", path.display()),
+                ))
+            }
+        }
+        let held = dir.metadata()?;
+        match std::fs::metadata(&path) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                return Ok(Some(PinLock { _dir: dir, path }))
+            }
+            // Removed (or replaced) by the holder we waited for: lock the
+            // directory the path names now.
+            _ => continue,
+        }
+    }
 }
 
 fn open(pin_dir: &Path) -> io::Result<(File, PathBuf)> {
@@ -109,7 +139,13 @@ mod tests {
         drop(first);
         let again = acquire(&pins).unwrap();
         assert_eq!(again.path(), base.join("kmesh-lock"));
-        drop(again);
+        // A holder that removes the directory on its way out: the next one
+        // locks a new directory under the same name.
+        release_and_remove(again);
+        assert!(!base.join("kmesh-lock").exists());
+        let third = try_acquire(&pins).unwrap().expect("free after removal");
+        assert!(base.join("kmesh-lock").exists());
+        drop(third);
         std::fs::remove_dir_all(&base).unwrap();
     }
 }
