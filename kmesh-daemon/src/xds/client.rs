@@ -367,6 +367,24 @@ pub(super) async fn connect(
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
+/// Opens a delta ADS stream fed by `rx` (with the token, if any) and
+/// marks the client connected.
+pub(super) async fn open_delta(
+    client: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    opts: &ClientOptions,
+    rx: mpsc::Receiver<DeltaDiscoveryRequest>,
+    status: &SharedStatus,
+) -> Result<tonic::Streaming<DeltaDiscoveryResponse>, String> {
+    let req = with_token(opts, ReceiverStream::new(rx))?;
+    let stream = client
+        .delta_aggregated_resources(req)
+        .await
+        .map_err(|e| format!("opening the delta ADS stream: {e}"))?
+        .into_inner();
+    mark_connected(status);
+    Ok(stream)
+}
+
 pub(super) fn with_token<T>(opts: &ClientOptions, body: T) -> Result<tonic::Request<T>, String> {
     let mut req = tonic::Request::new(body);
     if let Some(p) = &opts.token_path {
@@ -817,13 +835,7 @@ async fn run_delta(
             send(&tx, initial(store, &mut first, t, &names))?;
         }
     }
-    let req = with_token(opts, ReceiverStream::new(rx))?;
-    let mut stream = client
-        .delta_aggregated_resources(req)
-        .await
-        .map_err(|e| format!("opening the delta ADS stream: {e}"))?
-        .into_inner();
-    mark_connected(status);
+    let mut stream = open_delta(&mut client, opts, rx, status).await?;
     tracing::info!(address = %opts.address, node = %opts.node.node_id(), "xDS: delta ADS stream open");
     loop {
         let resp: DeltaDiscoveryResponse = match stream.message().await {

@@ -19,7 +19,6 @@
 //!   each type carries the versions held, so only differences are sent.
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
@@ -28,8 +27,8 @@ use xds_adapter::workload::api::{DeltaItem, WorkloadApiState, ADDRESS_TYPE, AUTH
 use xds_adapter::workload::{DualEngineConfig, LocalNode};
 
 use super::client::{
-    connect, lock, mark_connected, nack_message, reconnect_pause, rpc_status, seed, with_token,
-    ClientOptions, SharedStatus,
+    connect, lock, nack_message, open_delta, reconnect_pause, rpc_status, seed, ClientOptions,
+    SharedStatus,
 };
 use super::store::Rejected;
 
@@ -120,13 +119,7 @@ async fn run_stream(
             ..Default::default()
         })?;
     }
-    let req = with_token(opts, ReceiverStream::new(rx))?;
-    let mut stream = client
-        .delta_aggregated_resources(req)
-        .await
-        .map_err(|e| format!("opening the delta ADS stream: {e}"))?
-        .into_inner();
-    mark_connected(status);
+    let mut stream = open_delta(&mut client, opts, rx, status).await?;
     tracing::info!(address = %opts.address, node = %opts.node.ztunnel_node_id(), "workload API: delta ADS stream open (Address, Authorization)");
     loop {
         let resp: DeltaDiscoveryResponse = match stream.message().await {
